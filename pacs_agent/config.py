@@ -1,0 +1,277 @@
+"""Settings: one validated object, read once and passed down.
+
+Sources, highest priority first:
+
+1. environment variables ``PACS_AGENT_<SECTION>__<KEY>`` (for example
+   ``PACS_AGENT_LISTENER__PORT=104``), top-level keys as ``PACS_AGENT_<KEY>``;
+2. a TOML file given by ``--config FILE`` or ``PACS_AGENT_CONFIG``;
+3. the defaults below, each documented in docs/configuration.md.
+
+All state (spool, results, embedded database and broker) lives under ``data_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from pacs_agent.domain.uids import DEFAULT_UID_ROOT, validate_uid_root
+
+CONFIG_ENV = "PACS_AGENT_CONFIG"
+_AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE: no backslash
+
+
+def _ae_title(value: str) -> str:
+    if not _AE_TITLE_RE.match(value) or not value.strip():
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no '\\')")
+    return value.strip()
+
+
+AETitle = Annotated[str, AfterValidator(_ae_title)]
+
+
+class ListenerSettings(BaseModel):
+    """The DICOM listener (C-ECHO and C-STORE SCP) run by ``pacs-agent serve``."""
+
+    ae_title: AETitle = "PACSAGENT"
+    """Called AE title the listener answers to."""
+    host: str = "127.0.0.1"
+    """Address to bind. Loopback by default; see docs/configuration.md before widening it."""
+    port: int = Field(11112, ge=1, le=65535)
+    """TCP port of the listener."""
+    max_pdu: int = Field(131072, ge=0)
+    """Maximum PDU size we receive (0 = unlimited)."""
+    max_associations: int = Field(16, ge=1)
+    """Concurrent associations accepted; more are rejected (transient, try later)."""
+    acse_timeout_s: float = Field(30.0, gt=0)
+    dimse_timeout_s: float = Field(60.0, gt=0)
+    network_timeout_s: float = Field(120.0, gt=0)
+
+
+class DatabaseSettings(BaseModel):
+    url: SecretStr | None = None
+    """SQLAlchemy URL. Default: SQLite at ``<data_dir>/pacs-agent.db``."""
+    auto_upgrade: bool = True
+    """``serve`` and ``worker`` run ``db upgrade`` at start. Turn off when a DBA migrates."""
+
+
+class BrokerSettings(BaseModel):
+    url: SecretStr | None = None
+    """Celery broker URL (``redis://...``, ``amqp://...``). Default: embedded, no server:
+    kombu's filesystem transport under ``<data_dir>/broker``."""
+    polling_interval_s: float = Field(0.05, gt=0)
+    """How often the embedded broker is polled (ignored by Redis and RabbitMQ)."""
+    inference_queue: str = "inference"
+    io_queue: str = "io"
+
+
+class AssemblerSettings(BaseModel):
+    """When is a study complete? See ``pacs_agent.domain.completeness``."""
+
+    idle_timeout_s: float = Field(3.0, ge=0)
+    """Complete this long after the sending association was released with no new instance."""
+    unreleased_timeout_s: float = Field(120.0, gt=0)
+    """Complete this long after the last instance even if the association never released
+    (aborted, or a sender that keeps it open)."""
+    max_wait_s: float = Field(3600.0, gt=0)
+    """Forced close: complete this long after the first instance, whatever else happens."""
+    poll_interval_s: float = Field(0.25, gt=0)
+    """How often the scheduler checks studies and the job table."""
+
+
+class RoutingRule(BaseModel):
+    """Which models run on which series. All given conditions must hold."""
+
+    name: str
+    modality: list[str] = Field(default_factory=list)
+    """Series Modality in this list (empty: any)."""
+    models: list[str]
+    priority: int = 0
+    min_instances: int = 1
+
+
+def _default_rules() -> list[RoutingRule]:
+    return [RoutingRule(name="ct-demo", modality=["CT"], models=["demo_ct_blob_seg"])]
+
+
+class ModelsSettings(BaseModel):
+    directory: Path | None = None
+    """Directory of MONAI bundles, one per subdirectory. Default: the demo bundles shipped
+    in ``workers/bundles``."""
+    rules: list[RoutingRule] = Field(default_factory=_default_rules)
+
+
+class WorkerSettings(BaseModel):
+    device: str = "auto"
+    """Inference device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    concurrency: int = Field(1, ge=1)
+    embedded: bool = True
+    """``serve`` starts a worker subprocess for both queues (``--no-worker`` overrides)."""
+    lease_s: float = Field(900.0, gt=0)
+    """A running job whose lease expires (a dead worker) is sent again by the sweeper."""
+    requeue_after_s: float = Field(300.0, gt=0)
+    """A queued job not picked up for this long (a lost broker message) is sent again."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", v):
+            return v
+        raise ValueError(f"device {v!r}: expected auto, cpu, cuda or cuda:N")
+
+
+class DicomDestination(BaseModel):
+    """A DICOM peer that receives our SEG and SR by C-STORE."""
+
+    name: str
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class ExportSettings(BaseModel):
+    destinations: list[DicomDestination] = Field(default_factory=list)
+    """Where results are sent. Empty: results stay under ``<data_dir>/results``."""
+    calling_ae_title: AETitle = "PACSAGENT"
+    timeout_s: float = Field(30.0, gt=0)
+    include_empty_seg: bool = False
+    """Send a SEG even when nothing was found (the SR always says what was not found)."""
+
+
+class LoggingSettings(BaseModel):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(BaseSettings):
+    """The effective settings of one pacs-agent process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PACS_AGENT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    data_dir: Path = Path("./var")
+    """All state lives here: spool, results, embedded database and broker."""
+    uid_root: str = DEFAULT_UID_ROOT
+    """Root of the UIDs we create (your organisation's root, or 2.25 for UUID-derived UIDs)."""
+    listener: ListenerSettings = Field(default_factory=ListenerSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    assembler: AssemblerSettings = Field(default_factory=AssemblerSettings)
+    models: ModelsSettings = Field(default_factory=ModelsSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @field_validator("uid_root")
+    @classmethod
+    def _uid_root(cls, v: str) -> str:
+        return validate_uid_root(v)
+
+    @model_validator(mode="after")
+    def _absolute_data_dir(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = settings_cls.model_config.get("toml_file")
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    # Derived paths and URLs: the one place that knows the layout of data_dir.
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def database_url(self) -> str:
+        if self.database.url is not None:
+            return self.database.url.get_secret_value()
+        return f"sqlite:///{self.data_dir / 'pacs-agent.db'}"
+
+    @property
+    def broker_url(self) -> str | None:
+        """The broker URL, or None for the embedded filesystem broker."""
+        return self.broker.url.get_secret_value() if self.broker.url is not None else None
+
+    @property
+    def models_dir(self) -> Path:
+        if self.models.directory is not None:
+            return self.models.directory.expanduser().resolve()
+        return Path(__file__).resolve().parent.parent / "workers" / "bundles"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says what and where."""
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Read and validate the settings once.
+
+    ``config_file`` defaults to ``$PACS_AGENT_CONFIG``. Raises ConfigError with a readable
+    message for a missing file or invalid values.
+    """
+    path = config_file if config_file is not None else os.environ.get(CONFIG_ENV)
+    if path:
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"configuration file {path} does not exist")
+
+    class _FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=str(path) if path else None)
+
+    try:
+        settings = _FileSettings(**overrides)
+    except Exception as exc:  # pydantic.ValidationError, tomllib.TOMLDecodeError
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid configuration{where}:\n{exc}") from exc
+    return Settings.model_validate(settings.model_dump())
+
+
+_SECRET_URL = re.compile(r"(?P<scheme>[a-z0-9+]+://)(?P<user>[^:/@]*):(?P<pw>[^@]*)@")
+
+
+def mask_url(url: str) -> str:
+    """Hide the password in a URL: ``redis://u:secret@h`` -> ``redis://u:***@h``."""
+    return _SECRET_URL.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
+
+
+def effective_settings(settings: Settings) -> dict[str, Any]:
+    """The settings as plain data, secrets masked, derived values filled in."""
+    data = settings.model_dump(mode="json")
+    data["database"]["url"] = mask_url(settings.database_url)
+    data["broker"]["url"] = (
+        mask_url(settings.broker_url) if settings.broker_url else f"embedded: {settings.broker_dir}"
+    )
+    data["models"]["directory"] = str(settings.models_dir)
+    return data

@@ -1,0 +1,1 @@
+"""Pure decisions: no I/O, no clock, no globals. Everything here is tested on its own."""

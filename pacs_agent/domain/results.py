@@ -1,0 +1,79 @@
+"""The result model, in DICOM's own words.
+
+These are plain values passed from the model runtime (workers/) to the DICOM builders
+(``pacs_agent.dicom``) and the database. They carry no numpy arrays and no torch objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class CodedConcept:
+    """A coded concept: (CodeValue, CodingSchemeDesignator, CodeMeaning)."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class SegmentSpec:
+    """One segment of a Segmentation, as the model card codes it.
+
+    ``number`` is the Segment Number in the SEG and also the label value in the model's
+    discrete output (channel index after argmax).
+    """
+
+    number: int
+    label: str
+    category: CodedConcept
+    type: CodedConcept
+
+
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """Algorithm identification (TID 4019) and the IHE AIR Contributing Equipment."""
+
+    name: str
+    version: str
+    #: Device Observer UID / Device UID: derived from name and version, so it changes
+    #: whenever the model changes.
+    device_uid: str
+    manufacturer: str = "pacs-agent"
+    clinical_use: bool = False
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    """What a segmentation model found for one segment."""
+
+    segment: SegmentSpec
+    voxel_count: int
+    volume_mm3: float
+    mean_hu: float | None = None
+
+    @property
+    def detected(self) -> bool:
+        return self.voxel_count > 0
+
+
+@dataclass(frozen=True)
+class ResultUIDs:
+    """Deterministic UIDs of the objects one job emits (see ``pacs_agent.domain.uids``)."""
+
+    seg_series_uid: str
+    seg_sop_uid: str
+    sr_series_uid: str
+    sr_sop_uid: str
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """Everything the DICOM builders need besides the source datasets and the mask."""
+
+    algorithm: AlgorithmSpec
+    segments: tuple[SegmentResult, ...]
+    uids: ResultUIDs
+    extra: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,83 @@
+"""Celery, seen from the service side: configuration and sending tasks by name.
+
+``pacs_agent`` never imports ``workers`` (or torch): tasks are sent by name, and the worker
+process registers them (``workers.celery_app``). The database is the truth about work; the
+broker only delivers (DESIGN invariant 2).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from celery import Celery
+
+from pacs_agent.config import Settings
+
+RUN_INFERENCE = "pacs_agent.run_inference"
+EXPORT_RESULTS = "pacs_agent.export_results"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery configuration for ``settings``: embedded filesystem broker by default."""
+    b = settings.broker
+    conf: dict[str, Any] = {
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_routes": {
+            RUN_INFERENCE: {"queue": b.inference_queue},
+            EXPORT_RESULTS: {"queue": b.io_queue},
+        },
+        "task_default_queue": b.io_queue,
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+    }
+    url = settings.broker_url
+    if url is None:
+        queue_dir = settings.broker_dir / "queue"
+        control_dir = settings.broker_dir / "control"
+        for d in (queue_dir, control_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        conf["broker_url"] = "filesystem://"
+        conf["broker_transport_options"] = {
+            "data_folder_in": str(queue_dir),
+            "data_folder_out": str(queue_dir),
+            "control_folder": str(control_dir),
+            "store_processed": False,
+            "polling_interval": b.polling_interval_s,
+        }
+        # The filesystem transport has no broadcast worth relying on: no remote control.
+        conf["worker_enable_remote_control"] = False
+    else:
+        conf["broker_url"] = url
+        conf["broker_transport_options"] = {"visibility_timeout": 3600}
+    return conf
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("pacs_agent")
+    app.conf.update(celery_config(settings))
+    return app
+
+
+class Dispatcher(Protocol):
+    """How the scheduler hands work to workers (Celery in production, anything in tests)."""
+
+    def send_inference(self, job_id: int, priority: int) -> None: ...
+
+    def send_export(self, job_id: int) -> None: ...
+
+
+class CeleryDispatcher:
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    def send_inference(self, job_id: int, priority: int) -> None:
+        self.app.send_task(RUN_INFERENCE, kwargs={"job_id": job_id}, priority=priority)
+
+    def send_export(self, job_id: int) -> None:
+        self.app.send_task(EXPORT_RESULTS, kwargs={"job_id": job_id})

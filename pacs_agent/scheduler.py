@@ -1,0 +1,211 @@
+"""The scheduler inside ``pacs-agent serve``: assembler, router, dispatch and sweeper.
+
+Each ``tick`` reads the database, decides with the pure functions of ``pacs_agent.domain``
+and writes the outcome back; the broker only delivers. A restart loses nothing: every
+pending study and job is in the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from pacs_agent.catalog import Catalog, CatalogError
+from pacs_agent.config import Settings
+from pacs_agent.db.jobs import expired_leases, jobs_in, stale_queued, transition
+from pacs_agent.db.models import Instance, Job, Series, Study, utcnow
+from pacs_agent.domain.completeness import (
+    Completion,
+    CompletenessPolicy,
+    StudyArrival,
+    is_complete,
+)
+from pacs_agent.domain.jobs import JobStatus
+from pacs_agent.domain.routing import Rule, SeriesFacts, select_models
+from pacs_agent.queue import Dispatcher
+
+log = logging.getLogger(__name__)
+
+
+def rules_from(settings: Settings) -> list[Rule]:
+    return [
+        Rule(
+            name=r.name,
+            models=tuple(r.models),
+            modality=tuple(r.modality),
+            min_instances=r.min_instances,
+            priority=r.priority,
+        )
+        for r in settings.models.rules
+    ]
+
+
+class Scheduler:
+    def __init__(
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        dispatcher: Dispatcher,
+        catalog: Callable[[], Catalog],
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.settings = settings
+        self.session_factory = session_factory
+        self.dispatcher = dispatcher
+        self.catalog = catalog
+        self.clock = clock
+        a = settings.assembler
+        self.policy = CompletenessPolicy(a.idle_timeout_s, a.unreleased_timeout_s, a.max_wait_s)
+        self.rules = rules_from(settings)
+
+    def tick(self) -> None:
+        now = self.clock()
+        self.complete_studies(now)
+        self.dispatch_pending(now)
+        self.sweep(now)
+
+    def run(self, stop: threading.Event) -> None:
+        """Tick until ``stop`` is set; a failing tick is logged and retried, never fatal."""
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("scheduler tick failed; retrying")
+            stop.wait(self.settings.assembler.poll_interval_s)
+
+    # -- assembler and router ---------------------------------------------------------------
+    def complete_studies(self, now: datetime) -> list[int]:
+        with self.session_factory() as session:
+            receiving = session.execute(
+                select(Study.id, Study.first_received_at, Study.last_received_at,
+                       Study.last_released_at).where(Study.status == "receiving")
+            ).all()
+        done: list[int] = []
+        for study_id, first, last, released in receiving:
+            completion = is_complete(StudyArrival(first, last, released), self.policy, now)
+            if completion is Completion.WAITING:
+                continue
+            if self._complete(study_id, last, completion, now):
+                done.append(study_id)
+        return done
+
+    def _complete(
+        self, study_id: int, last_seen: datetime, completion: Completion, now: datetime
+    ) -> bool:
+        catalog = self.catalog()
+        with self.session_factory.begin() as session:
+            # Guard: an instance that arrived since we looked keeps the study open.
+            moved = session.execute(
+                update(Study)
+                .where(Study.id == study_id, Study.status == "receiving",
+                       Study.last_received_at == last_seen)
+                .values(status="complete", completion=completion.value, completed_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            if moved.rowcount != 1:  # type: ignore[attr-defined]
+                return False
+            study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == study_id))
+            rows = session.execute(
+                select(Series.id, Series.series_instance_uid, Series.modality,
+                       func.count(Instance.id))
+                .join(Instance, Instance.series_id == Series.id)
+                .where(Series.study_id == study_id)
+                .group_by(Series.id, Series.series_instance_uid, Series.modality)
+            ).all()
+            series_ids = {uid: sid for sid, uid, _, _ in rows}
+            facts = [SeriesFacts(uid, modality or "", n) for _, uid, modality, n in rows]
+            for sel in select_models(facts, self.rules):
+                series_id = series_ids[sel.series_instance_uid]
+                self._supersede_older(session, series_id, sel.model)
+                job = Job(study_id=study_id, series_id=series_id, model_name=sel.model,
+                          rule=sel.rule, priority=sel.priority, created_at=now, updated_at=now)
+                try:
+                    job.model_version = catalog.get(sel.model).version
+                    job.status = JobStatus.PENDING.value
+                except CatalogError as exc:
+                    job.status = JobStatus.FAILED.value
+                    job.reason = str(exc)
+                    job.finished_at = now
+                session.add(job)
+            log.info("study %s complete (%s): %d series", study_uid, completion.value, len(rows))
+        return True
+
+    @staticmethod
+    def _supersede_older(session: Session, series_id: int, model: str) -> None:
+        session.execute(
+            update(Job)
+            .where(Job.series_id == series_id, Job.model_name == model,
+                   Job.status.not_in([JobStatus.SUPERSEDED.value, JobStatus.CANCELLED.value]))
+            .values(status=JobStatus.SUPERSEDED.value,
+                    reason="a late instance re-opened the study; a newer job replaces this one")
+            .execution_options(synchronize_session=False)
+        )
+
+    # -- dispatch and sweeper ---------------------------------------------------------------
+    def dispatch_pending(self, now: datetime) -> int:
+        """Queue pending jobs: the row says 'queued' before the message leaves (outbox)."""
+        with self.session_factory() as session:
+            pending = [(j.id, j.priority) for j in jobs_in(session, [JobStatus.PENDING])]
+        sent = 0
+        for job_id, priority in pending:
+            with self.session_factory.begin() as session:
+                if not transition(session, job_id, JobStatus.QUEUED, queued_at=now,
+                                  updated_at=now):
+                    continue
+            try:
+                self.dispatcher.send_inference(job_id, priority)
+                sent += 1
+            except Exception as exc:
+                log.warning("job %d: broker unavailable (%s); will retry", job_id, exc)
+                with self.session_factory.begin() as session:
+                    transition(session, job_id, JobStatus.PENDING,
+                               only_from=[JobStatus.QUEUED], updated_at=now)
+                break
+        return sent
+
+    def sweep(self, now: datetime) -> None:
+        """Send again what a dead worker or a lost message left behind."""
+        w = self.settings.worker
+        with self.session_factory() as session:
+            expired = expired_leases(session, now)
+            stale = stale_queued(session, now - timedelta(seconds=w.requeue_after_s))
+            stuck_exports = list(session.scalars(
+                select(Job.id).where(Job.status == JobStatus.EXPORTING.value,
+                                     Job.updated_at < now - timedelta(seconds=w.requeue_after_s))
+            ))
+        for job_id in expired:
+            with self.session_factory.begin() as session:
+                moved = transition(session, job_id, JobStatus.QUEUED,
+                                   only_from=[JobStatus.RUNNING], queued_at=now, updated_at=now,
+                                   reason="lease expired (worker lost); sent again")
+            if moved:
+                log.warning("job %d: lease expired; sending again", job_id)
+                self._send(job_id)
+        for job_id in stale:
+            with self.session_factory.begin() as session:
+                moved = transition(session, job_id, JobStatus.QUEUED,
+                                   only_from=[JobStatus.QUEUED], queued_at=now, updated_at=now)
+            if moved:
+                log.warning("job %d: queued too long (message lost?); sending again", job_id)
+                self._send(job_id)
+        for job_id in stuck_exports:
+            with self.session_factory.begin() as session:
+                transition(session, job_id, JobStatus.EXPORTING,
+                           only_from=[JobStatus.EXPORTING], updated_at=now)
+            try:
+                self.dispatcher.send_export(job_id)
+            except Exception as exc:
+                log.warning("job %d: broker unavailable for export (%s)", job_id, exc)
+
+    def _send(self, job_id: int) -> None:
+        with self.session_factory() as session:
+            priority = session.scalar(select(Job.priority).where(Job.id == job_id)) or 0
+        try:
+            self.dispatcher.send_inference(job_id, priority)
+        except Exception as exc:
+            log.warning("job %d: broker unavailable (%s); will retry", job_id, exc)

@@ -1,0 +1,108 @@
+"""``pacs-agent serve``: listener + scheduler (+ an embedded worker subprocess).
+
+This process never imports torch or MONAI (DESIGN invariant 4): inference runs in the worker
+subprocess (``python -m workers``), which is restarted if it dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from pacs_agent.catalog import load_catalog
+from pacs_agent.config import Settings
+from pacs_agent.db.migrate import upgrade
+from pacs_agent.db.session import make_engine, make_session_factory
+from pacs_agent.net.scp import Receiver, start_listener
+from pacs_agent.queue import CeleryDispatcher, make_celery
+from pacs_agent.scheduler import Scheduler
+from pacs_agent.storage.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+def worker_command(config_file: Path | None, queues: str | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "workers"]
+    if config_file is not None:
+        cmd += ["--config", str(config_file)]
+    if queues:
+        cmd += ["--queues", queues]
+    return cmd
+
+
+class EmbeddedWorker:
+    """A worker subprocess for both queues, restarted when it dies."""
+
+    def __init__(self, command: list[str]) -> None:
+        self.command = command
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.command, env=os.environ.copy())
+        log.info("embedded worker started (pid %d)", self.proc.pid)
+
+    def check(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            log.error("embedded worker exited with %s; restarting", self.proc.returncode)
+            self.start()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def serve(settings: Settings, *, config_file: Path | None, with_worker: bool) -> int:
+    """Run until SIGTERM or SIGINT. Returns the process exit code."""
+    if settings.database.auto_upgrade:
+        upgrade(settings.database_url)
+    settings.spool_dir.mkdir(parents=True, exist_ok=True)
+    settings.results_dir.mkdir(parents=True, exist_ok=True)
+    session_factory = make_session_factory(make_engine(settings.database_url))
+    catalog = load_catalog(settings.models_dir)
+    for problem in catalog.errors:
+        log.error("model catalog: %s", problem)
+    log.info("model catalog: %s", ", ".join(sorted(catalog.models)) or "(empty)")
+
+    dispatcher = CeleryDispatcher(make_celery(settings))
+    scheduler = Scheduler(settings, session_factory, dispatcher,
+                          catalog=lambda: load_catalog(settings.models_dir))
+    worker = EmbeddedWorker(worker_command(config_file)) if with_worker else None
+
+    stop = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+
+    server = start_listener(settings.listener, Receiver(Spool(settings.spool_dir),
+                                                        session_factory))
+    if worker is not None:
+        worker.start()
+    thread = threading.Thread(target=scheduler.run, args=(stop,), name="scheduler", daemon=True)
+    thread.start()
+    print(f"pacs-agent listening as {settings.listener.ae_title} on "
+          f"{settings.listener.host}:{settings.listener.port}", flush=True)
+    try:
+        while not stop.wait(1.0):
+            if worker is not None:
+                worker.check()
+    finally:
+        server.shutdown()
+        thread.join(10)
+        if worker is not None:
+            worker.stop()
+    return 0

@@ -1,0 +1,86 @@
+"""The spool: received instances as durable files, byte for byte as received.
+
+Paths are derived only from validated UIDs, so no attribute value can name a path outside
+the spool (``spool/<study>/<series>/<sop>.dcm``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+
+
+class InvalidUID(ValueError):
+    """A UID that is empty, too long or not made of dotted numbers."""
+
+
+def check_uid(name: str, value: object) -> str:
+    """Return ``value`` as a valid UID string, or raise InvalidUID naming the attribute."""
+    text = str(value or "").strip().rstrip("\x00")
+    if not text:
+        raise InvalidUID(f"{name} is empty")
+    if len(text) > 64 or not _UID_RE.match(text):
+        raise InvalidUID(f"{name} is not a valid UID")
+    return text
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: Path, data: bytes | memoryview) -> None:
+    """Write ``data`` to ``path`` so that it survives a crash once this returns.
+
+    Temp file in the same directory, fsync, rename over the target, fsync the directory.
+    On any error (a full disk) the temp file is removed and the target is untouched.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".incoming-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    fsync_dir(path.parent)
+
+
+class Spool:
+    """Where received instances live on disk."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        parts = (
+            check_uid("StudyInstanceUID", study_uid),
+            check_uid("SeriesInstanceUID", series_uid),
+            check_uid("SOPInstanceUID", sop_uid),
+        )
+        return Path(parts[0]) / parts[1] / f"{parts[2]}.dcm"
+
+    def path(self, relative: Path | str) -> Path:
+        return self.root / relative
+
+    def series_dir(self, study_uid: str, series_uid: str) -> Path:
+        return self.root / check_uid("StudyInstanceUID", study_uid) / check_uid(
+            "SeriesInstanceUID", series_uid
+        )
+
+    def store(self, relative: Path, data: bytes | memoryview) -> Path:
+        target = self.root / relative
+        write_durable(target, data)
+        return target

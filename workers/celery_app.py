@@ -1,0 +1,73 @@
+"""The Celery app of the worker processes, with its thin tasks.
+
+Tasks take ids only, load what they need, call a plain function and classify the outcome
+(the function ends the job in a visible state). Settings come from the same file and
+environment as the service (``PACS_AGENT_CONFIG``, ``PACS_AGENT_*``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from pacs_agent.config import Settings, load_settings
+from pacs_agent.db.session import make_engine, make_session_factory
+from pacs_agent.export import export_job
+from pacs_agent.queue import EXPORT_RESULTS, RUN_INFERENCE, CeleryDispatcher, make_celery
+
+
+@dataclass
+class WorkerContext:
+    """What one worker process holds: settings, a database session factory, loaded models."""
+
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    dispatcher: CeleryDispatcher
+    name: str
+    runners: dict[str, Any] = field(default_factory=dict)
+
+
+class _ContextHolder:
+    """One WorkerContext per process (engines and models never cross a fork)."""
+
+    def __init__(self, app: Celery, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+        self._pid = -1
+        self._context: WorkerContext | None = None
+
+    def get(self) -> WorkerContext:
+        if self._context is None or self._pid != os.getpid():
+            engine = make_engine(self.settings.database_url)
+            self._context = WorkerContext(
+                settings=self.settings,
+                session_factory=make_session_factory(engine),
+                dispatcher=CeleryDispatcher(self.app),
+                name=f"{socket.gethostname()}:{os.getpid()}",
+            )
+            self._pid = os.getpid()
+        return self._context
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    settings = settings or load_settings()
+    app = make_celery(settings)
+    holder = _ContextHolder(app, settings)
+
+    @app.task(name=RUN_INFERENCE, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
+    def run_inference(*, job_id: int) -> str:
+        from workers.inference import run_inference_job  # lazy: torch only where needed
+
+        return run_inference_job(holder.get(), job_id)
+
+    @app.task(name=EXPORT_RESULTS, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
+    def export_results(*, job_id: int) -> str:
+        ctx = holder.get()
+        return export_job(ctx.settings, ctx.session_factory, job_id)
+
+    return app

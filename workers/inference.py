@@ -1,0 +1,144 @@
+"""Run one inference job: series -> MONAI bundle -> SEG + TID 1500 SR + findings in the DB.
+
+Called by the thin Celery task with a job id. Every outcome is a visible job state: the job
+is claimed with a guarded transition (two workers never both run it), and any error ends in
+``failed`` with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydicom import Dataset, dcmread
+from sqlalchemy import delete, select
+
+from pacs_agent.catalog import ModelCard, load_catalog
+from pacs_agent.db.jobs import transition
+from pacs_agent.db.models import Finding, Instance, Job, Series, Study, utcnow
+from pacs_agent.dicom.geometry import segment_results
+from pacs_agent.dicom.io import write_dataset
+from pacs_agent.dicom.seg import build_segmentation
+from pacs_agent.dicom.sr import build_measurement_report
+from pacs_agent.domain.jobs import JobStatus
+from pacs_agent.domain.results import JobResult, ResultUIDs
+from pacs_agent.domain.uids import job_result_uids
+from pacs_agent.storage.spool import Spool
+
+if TYPE_CHECKING:
+    from workers.celery_app import WorkerContext
+
+log = logging.getLogger(__name__)
+
+
+class JobInputError(ValueError):
+    """The job's input cannot be processed (a reason shown to the administrator)."""
+
+
+def _runner(ctx: WorkerContext, card: ModelCard):  # type: ignore[no-untyped-def]
+    from workers.runtime.bundle import BundleRunner
+
+    key = f"{card.bundle_dir}:{card.version}"
+    if key not in ctx.runners:
+        ctx.runners[key] = BundleRunner(card.bundle_dir, device=ctx.settings.worker.device)
+    return ctx.runners[key]
+
+
+def run_inference_job(ctx: WorkerContext, job_id: int) -> str:
+    settings = ctx.settings
+    now = utcnow()
+    with ctx.session_factory.begin() as session:
+        claimed = transition(
+            session, job_id, JobStatus.RUNNING, only_from=[JobStatus.QUEUED],
+            started_at=now, updated_at=now, worker=ctx.name, reason=None,
+            lease_expires_at=now + timedelta(seconds=settings.worker.lease_s),
+            attempts=Job.attempts + 1,
+        )
+    if not claimed:
+        log.info("job %d: not queued any more; skipping this delivery", job_id)
+        return "skipped"
+    try:
+        files = _produce(ctx, job_id)
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        log.exception("job %d failed", job_id)
+        done = utcnow()
+        with ctx.session_factory.begin() as session:
+            transition(session, job_id, JobStatus.FAILED, only_from=[JobStatus.RUNNING],
+                       reason=reason[:2000], finished_at=done, updated_at=done)
+        return "failed"
+    done = utcnow()
+    export = bool(settings.export.destinations)
+    with ctx.session_factory.begin() as session:
+        transition(session, job_id, JobStatus.SUCCEEDED, only_from=[JobStatus.RUNNING],
+                   finished_at=done, updated_at=done, **files)
+        if export:
+            transition(session, job_id, JobStatus.EXPORTING, updated_at=done)
+    if export:
+        try:
+            ctx.dispatcher.send_export(job_id)
+        except Exception as exc:  # the sweeper sends it again
+            log.warning("job %d: could not queue export (%s)", job_id, exc)
+    return "succeeded"
+
+
+def _produce(ctx: WorkerContext, job_id: int) -> dict[str, str | None]:
+    settings = ctx.settings
+    spool = Spool(settings.spool_dir)
+    with ctx.session_factory() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        series = session.get(Series, job.series_id)
+        study = session.get(Study, job.study_id)
+        assert series is not None and study is not None
+        paths = [spool.path(p) for p in session.scalars(
+            select(Instance.path).where(Instance.series_id == series.id))]
+        model_name = job.model_name
+        study_uid, series_uid = study.study_instance_uid, series.series_instance_uid
+    if not paths:
+        raise JobInputError("the series has no instances")
+    card = load_catalog(settings.models_dir).get(model_name)
+    if card.task != "segmentation":
+        raise JobInputError(f"model {card.name} is a {card.task} model; only segmentation "
+                            "runs in this version")
+    datasets: list[Dataset] = [dcmread(p) for p in paths]
+    mask = _runner(ctx, card).segment(spool.series_dir(study_uid, series_uid), datasets)
+
+    uids = ResultUIDs(*job_result_uids(settings.uid_root, study_uid, series_uid, card.name,
+                                       card.version))
+    segments = segment_results(mask, datasets, card.segments)
+    result = JobResult(algorithm=card.algorithm(settings.uid_root), segments=segments, uids=uids)
+    seg = build_segmentation(datasets, mask, result,
+                             include_empty=settings.export.include_empty_seg)
+    sr = build_measurement_report(datasets, seg, result)
+
+    out_rel = Path(study_uid) / str(job_id)
+    out_dir = settings.results_dir / out_rel
+    seg_rel = sr_rel = None
+    if seg is not None:
+        seg_rel = out_rel / f"SEG_{uids.seg_sop_uid}.dcm"
+        write_dataset(seg, settings.results_dir / seg_rel)
+    sr_rel = out_rel / f"SR_{uids.sr_sop_uid}.dcm"
+    write_dataset(sr, out_dir / sr_rel.name)
+
+    with ctx.session_factory.begin() as session:
+        session.execute(delete(Finding).where(Finding.job_id == job_id))
+        for s in segments:
+            session.add(Finding(
+                job_id=job_id, segment_number=s.segment.number, label=s.segment.label,
+                code_value=s.segment.type.value, code_scheme=s.segment.type.scheme,
+                code_meaning=s.segment.type.meaning, detected=s.detected,
+                voxel_count=s.voxel_count, volume_mm3=s.volume_mm3, mean_hu=s.mean_hu,
+                flag=s.detected,
+            ))
+    log.info("job %d: %s on series %s: %d segment(s) detected", job_id, card.name, series_uid,
+             sum(1 for s in segments if s.detected))
+    return {
+        "seg_path": str(seg_rel) if seg_rel else None,
+        "sr_path": str(sr_rel),
+        "seg_sop_instance_uid": uids.seg_sop_uid if seg is not None else None,
+        "sr_sop_instance_uid": uids.sr_sop_uid,
+        "model_version": card.version,
+    }
