@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -40,7 +40,13 @@ def _ae_title(value: str) -> str:
 AETitle = Annotated[str, AfterValidator(_ae_title)]
 
 
-class ListenerSettings(BaseModel):
+class Section(BaseModel):
+    """A settings section: unknown keys are an error, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ListenerSettings(Section):
     """The DICOM listener (C-ECHO and C-STORE SCP) run by ``pacs-agent serve``."""
 
     ae_title: AETitle = "PACSAGENT"
@@ -58,14 +64,14 @@ class ListenerSettings(BaseModel):
     network_timeout_s: float = Field(120.0, gt=0)
 
 
-class DatabaseSettings(BaseModel):
+class DatabaseSettings(Section):
     url: SecretStr | None = None
     """SQLAlchemy URL. Default: SQLite at ``<data_dir>/pacs-agent.db``."""
     auto_upgrade: bool = True
     """``serve`` and ``worker`` run ``db upgrade`` at start. Turn off when a DBA migrates."""
 
 
-class BrokerSettings(BaseModel):
+class BrokerSettings(Section):
     url: SecretStr | None = None
     """Celery broker URL (``redis://...``, ``amqp://...``). Default: embedded, no server:
     kombu's filesystem transport under ``<data_dir>/broker``."""
@@ -75,7 +81,7 @@ class BrokerSettings(BaseModel):
     io_queue: str = "io"
 
 
-class AssemblerSettings(BaseModel):
+class AssemblerSettings(Section):
     """When is a study complete? See ``pacs_agent.domain.completeness``."""
 
     idle_timeout_s: float = Field(3.0, ge=0)
@@ -89,7 +95,7 @@ class AssemblerSettings(BaseModel):
     """How often the scheduler checks studies and the job table."""
 
 
-class RoutingRule(BaseModel):
+class RoutingRule(Section):
     """Which models run on which series. All given conditions must hold."""
 
     name: str
@@ -104,14 +110,14 @@ def _default_rules() -> list[RoutingRule]:
     return [RoutingRule(name="ct-demo", modality=["CT"], models=["demo_ct_blob_seg"])]
 
 
-class ModelsSettings(BaseModel):
+class ModelsSettings(Section):
     directory: Path | None = None
     """Directory of MONAI bundles, one per subdirectory. Default: the demo bundles shipped
     in ``workers/bundles``."""
     rules: list[RoutingRule] = Field(default_factory=_default_rules)
 
 
-class WorkerSettings(BaseModel):
+class WorkerSettings(Section):
     device: str = "auto"
     """Inference device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
     concurrency: int = Field(1, ge=1)
@@ -130,7 +136,7 @@ class WorkerSettings(BaseModel):
         raise ValueError(f"device {v!r}: expected auto, cpu, cuda or cuda:N")
 
 
-class DicomDestination(BaseModel):
+class DicomDestination(Section):
     """A DICOM peer that receives our SEG and SR by C-STORE."""
 
     name: str
@@ -139,7 +145,7 @@ class DicomDestination(BaseModel):
     port: int = Field(ge=1, le=65535)
 
 
-class ExportSettings(BaseModel):
+class ExportSettings(Section):
     destinations: list[DicomDestination] = Field(default_factory=list)
     """Where results are sent. Empty: results stay under ``<data_dir>/results``."""
     calling_ae_title: AETitle = "PACSAGENT"
@@ -148,7 +154,7 @@ class ExportSettings(BaseModel):
     """Send a SEG even when nothing was found (the SR always says what was not found)."""
 
 
-class LoggingSettings(BaseModel):
+class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 

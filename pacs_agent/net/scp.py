@@ -26,6 +26,7 @@ from pacs_agent.config import ListenerSettings
 from pacs_agent.db.index import IndexOutcome, StoredFile, index_instance, mark_released
 from pacs_agent.db.models import utcnow
 from pacs_agent.dicom.header import instance_header
+from pacs_agent.dicom.structure import check_complete, file_meta_end
 from pacs_agent.storage.spool import InvalidUID, Spool
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ def handle_store(event: Any, receiver: Receiver) -> int | Dataset:
     request = event.request
     try:
         data = event.encoded_dataset(include_meta=True)
+        check_complete(data, file_meta_end(data), event.context.transfer_syntax)
         ds = dcmread(BytesIO(data), stop_before_pixels=True)
         header = instance_header(ds)
     except InvalidUID as exc:

@@ -1,0 +1,251 @@
+"""Slice geometry and per-segment statistics of a single-frame image series.
+
+Pure functions: datasets and arrays in, numbers out. The convention everywhere in
+``pacs_agent.dicom`` is that ``mask[i]`` belongs to ``datasets[i]`` (in the order the caller
+passes them), and that a mask is a *label map*: the voxels whose value is a segment's
+``SegmentSpec.number`` belong to that segment, 0 is background.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+from pydicom import Dataset
+from pydicom.pixels.processing import apply_modality_lut
+
+from pacs_agent.domain.results import SegmentResult, SegmentSpec
+
+#: Two slice spacings (or two pixel spacings) closer than this are the same, in mm.
+SPACING_TOLERANCE_MM = 0.01
+#: Two direction cosines closer than this are the same orientation.
+ORIENTATION_TOLERANCE = 1e-4
+
+
+def _floats(ds: Dataset, keyword: str, count: int) -> npt.NDArray[np.float64]:
+    value = ds.get(keyword)
+    if value is None or len(value) != count:
+        raise ValueError(
+            f"instance {ds.get('SOPInstanceUID', '?')} has no usable {keyword} "
+            f"({count} numbers expected)"
+        )
+    return np.asarray([float(v) for v in value], dtype=np.float64)
+
+
+def slice_normal(ds: Dataset) -> npt.NDArray[np.float64]:
+    """Unit normal of the image plane: row direction x column direction.
+
+    Raises ValueError if ImageOrientationPatient is missing or degenerate.
+    """
+    orientation = _floats(ds, "ImageOrientationPatient", 6)
+    normal = np.cross(orientation[:3], orientation[3:])
+    norm = float(np.linalg.norm(normal))
+    if norm < 0.5:
+        raise ValueError(
+            f"instance {ds.get('SOPInstanceUID', '?')} has a degenerate ImageOrientationPatient"
+        )
+    return np.asarray(normal / norm, dtype=np.float64)
+
+
+def has_plane_geometry(datasets: Sequence[Dataset]) -> bool:
+    """True when every dataset has ImagePositionPatient and ImageOrientationPatient."""
+    return all("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for ds in datasets)
+
+
+def slice_order(datasets: Sequence[Dataset]) -> list[int]:
+    """Indices of ``datasets`` in increasing position along the slice normal.
+
+    The normal is that of the first dataset; ties (same position) keep InstanceNumber order.
+
+    Raises ValueError when a dataset lacks ImagePositionPatient/ImageOrientationPatient or
+    the datasets do not share one orientation (they are not one stack of parallel slices).
+    """
+    if not datasets:
+        return []
+    normal = slice_normal(datasets[0])
+    reference = _floats(datasets[0], "ImageOrientationPatient", 6)
+    keys: list[tuple[float, int, int]] = []
+    for index, ds in enumerate(datasets):
+        orientation = _floats(ds, "ImageOrientationPatient", 6)
+        if not np.allclose(orientation, reference, atol=ORIENTATION_TOLERANCE):
+            raise ValueError(
+                f"instance {ds.get('SOPInstanceUID', '?')} has another ImageOrientationPatient "
+                "than the rest of the series: not one stack of parallel slices"
+            )
+        position = _floats(ds, "ImagePositionPatient", 3)
+        instance_number = ds.get("InstanceNumber")
+        keys.append(
+            (
+                float(np.dot(normal, position)),
+                int(instance_number) if instance_number is not None else 0,
+                index,
+            )
+        )
+    return [index for _, _, index in sorted(keys)]
+
+
+def sort_slices(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """The datasets ordered along the slice normal (ImageOrientationPatient x ImagePositionPatient).
+
+    Raises ValueError as :func:`slice_order` does.
+    """
+    return [datasets[i] for i in slice_order(datasets)]
+
+
+def _pixel_area_mm2(datasets: Sequence[Dataset]) -> float:
+    spacings = [_floats(ds, "PixelSpacing", 2) for ds in datasets]
+    first = spacings[0]
+    for ds, spacing in zip(datasets, spacings, strict=True):
+        if not np.allclose(spacing, first, atol=SPACING_TOLERANCE_MM):
+            raise ValueError(
+                f"instance {ds.get('SOPInstanceUID', '?')} has another PixelSpacing "
+                "than the rest of the series"
+            )
+    if first[0] <= 0 or first[1] <= 0:
+        raise ValueError("PixelSpacing must be positive")
+    return float(first[0] * first[1])
+
+
+def slice_spacing_mm(datasets: Sequence[Dataset]) -> float:
+    """Distance between consecutive slices along the normal (any input order).
+
+    For a single slice, its SliceThickness. Raises ValueError when two slices share a
+    position, when the spacing is not uniform (a gap or a mixed series: a voxel volume is
+    then not one number), or when a single slice has no positive SliceThickness.
+    """
+    if not datasets:
+        raise ValueError("no datasets")
+    if len(datasets) == 1:
+        thickness = datasets[0].get("SliceThickness")
+        if thickness is None or float(thickness) <= 0:
+            raise ValueError("a single slice needs a positive SliceThickness for a volume")
+        return float(thickness)
+    ordered = sort_slices(datasets)
+    normal = slice_normal(ordered[0])
+    positions = np.asarray(
+        [float(np.dot(normal, _floats(ds, "ImagePositionPatient", 3))) for ds in ordered]
+    )
+    steps = np.diff(positions)
+    if float(steps.min()) < SPACING_TOLERANCE_MM:
+        raise ValueError("two slices share one position: not a single stack of slices")
+    spacing = float(np.median(steps))
+    if not np.allclose(steps, spacing, atol=SPACING_TOLERANCE_MM, rtol=1e-3):
+        raise ValueError(
+            f"slice spacing is not uniform (from {float(steps.min()):.3f} to "
+            f"{float(steps.max()):.3f} mm): no single voxel volume"
+        )
+    return spacing
+
+
+def voxel_volume_mm3(sorted_datasets: Sequence[Dataset]) -> float:
+    """Volume of one voxel: PixelSpacing row x column x the spacing between slices.
+
+    The spacing is measured between consecutive ImagePositionPatient values along the slice
+    normal (not SliceThickness, which may differ from it); for a single slice it falls back to
+    SliceThickness. The datasets may come in any order. Raises ValueError as
+    :func:`slice_spacing_mm` does, or when PixelSpacing is missing or differs between slices.
+    """
+    if not sorted_datasets:
+        raise ValueError("no datasets")
+    return _pixel_area_mm2(sorted_datasets) * slice_spacing_mm(sorted_datasets)
+
+
+def check_mask(mask: np.ndarray, datasets: Sequence[Dataset]) -> None:
+    """Raise ValueError unless ``mask`` is a (frames, rows, cols) label map for ``datasets``."""
+    if mask.ndim != 3:
+        raise ValueError(f"mask must be (frames, rows, columns); got shape {mask.shape}")
+    if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == np.bool_):
+        raise ValueError(f"mask must hold integer labels; got dtype {mask.dtype}")
+    if mask.shape[0] != len(datasets):
+        raise ValueError(f"mask has {mask.shape[0]} frames for {len(datasets)} source instances")
+    for ds in datasets:
+        if (int(ds.Rows), int(ds.Columns)) != mask.shape[1:]:
+            raise ValueError(
+                f"mask frames are {mask.shape[1]}x{mask.shape[2]}, instance "
+                f"{ds.get('SOPInstanceUID', '?')} is {ds.Rows}x{ds.Columns}"
+            )
+    if mask.dtype != np.bool_ and mask.size and int(mask.min()) < 0:
+        raise ValueError("mask labels must not be negative")
+
+
+def _frame_labels(frame: np.ndarray) -> np.ndarray:
+    flat = np.ravel(frame)
+    return flat.view(np.uint8) if flat.dtype == np.bool_ else flat
+
+
+def label_counts(mask: np.ndarray) -> npt.NDArray[np.int64]:
+    """Voxel count of every label value 0..max of a non-negative label map.
+
+    Counts one frame at a time, so no temporary larger than a frame is made.
+    """
+    size = int(mask.max()) + 1 if mask.size else 1
+    counts = np.zeros(size, dtype=np.int64)
+    for frame in mask:
+        counts += np.bincount(_frame_labels(frame), minlength=size)
+    return counts
+
+
+def check_labels(counts: npt.NDArray[np.int64], segments: Sequence[SegmentSpec]) -> None:
+    """Raise ValueError for duplicate or non-positive segment numbers, or for labels present
+    in the mask (``counts`` from :func:`label_counts`) that no segment describes."""
+    numbers = [spec.number for spec in segments]
+    if len(set(numbers)) != len(numbers):
+        raise ValueError(f"segment numbers are not unique: {numbers}")
+    if any(n < 1 for n in numbers):
+        raise ValueError(f"segment numbers must be positive: {numbers}")
+    present = {int(v) for v in np.flatnonzero(counts)} - {0}
+    undescribed = sorted(present - set(numbers))
+    if undescribed:
+        raise ValueError(f"mask holds labels {undescribed} that no SegmentSpec describes")
+
+
+def segment_results(
+    mask: np.ndarray, datasets: Sequence[Dataset], segments: Sequence[SegmentSpec]
+) -> tuple[SegmentResult, ...]:
+    """Voxel count, volume (mm3) and, for CT, mean HU of each segment, in ``segments`` order.
+
+    ``mask`` is a (frames, rows, cols) label map with ``mask[i]`` on ``datasets[i]``.
+    Mean HU applies RescaleSlope/RescaleIntercept (or the Modality LUT) to the source pixel
+    data, which may be compressed (pylibjpeg decodes JPEG 2000); it is None for a segment with
+    no voxels and for any modality other than CT. Works one frame at a time and decodes only
+    the frames that hold a segment.
+
+    Raises ValueError on a mask that does not fit the datasets, undescribed labels, a geometry
+    without a single voxel volume (see :func:`voxel_volume_mm3`), or CT headers without pixel
+    data when a segment has voxels.
+    """
+    mask = np.asarray(mask)
+    check_mask(mask, datasets)
+    counts = label_counts(mask)
+    check_labels(counts, segments)
+    voxel_volume = voxel_volume_mm3(datasets)
+    size = len(counts)
+
+    def count(spec: SegmentSpec) -> int:
+        return int(counts[spec.number]) if spec.number < size else 0
+
+    sums = np.zeros(size, dtype=np.float64)
+    is_ct = all(str(ds.get("Modality", "")) == "CT" for ds in datasets)
+    if is_ct and any(count(spec) for spec in segments):
+        for ds, frame in zip(datasets, mask, strict=True):
+            labels = _frame_labels(frame)
+            if not labels.any():
+                continue
+            if "PixelData" not in ds:
+                raise ValueError(
+                    f"instance {ds.get('SOPInstanceUID', '?')} has no pixel data: "
+                    "mean HU needs the full dataset"
+                )
+            hounsfield = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64)
+            sums += np.bincount(labels, weights=np.ravel(hounsfield), minlength=size)
+
+    return tuple(
+        SegmentResult(
+            segment=spec,
+            voxel_count=count(spec),
+            volume_mm3=count(spec) * voxel_volume,
+            mean_hu=float(sums[spec.number]) / count(spec) if is_ct and count(spec) else None,
+        )
+        for spec in segments
+    )

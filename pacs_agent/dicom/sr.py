@@ -1,0 +1,229 @@
+"""TID 1500 Measurement Report (Comprehensive 3D SR) of a segmentation job, built by highdicom.
+
+Content tree:
+
+- observation context: the model as a device observer (TID 1004: Device Observer UID = the
+  model's device UID, name, manufacturer, model name);
+- procedure reported: the study's Procedure Code Sequence, else "<modality> unspecified body
+  region" (CID 100), else "Imaging procedure";
+- for each detected segment a TID 1411 Volumetric ROI group: tracking identifier (the same
+  Tracking UID as the SEG segment), Referenced Segment (the SEG instance and segment number,
+  and the source series), finding category and type from the model card, qualitative
+  evaluation "<type> = Present" (CID 240), Volume in mm3 and, for CT, the mean Attenuation
+  Coefficient in Hounsfield units, each with the algorithm identification (TID 4019);
+- for each segment not detected a TID 1501 group with the same tracking identifier, finding
+  category and type, and the qualitative evaluation "<type> = Absent" (CID 240:
+  SCT 272519000).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+from highdicom.sr import CodedConcept
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+
+from pacs_agent.dicom.seg import (
+    SEG_SERIES_NUMBER,
+    ai_series_description,
+    algorithm_equipment,
+    character_set,
+    coded,
+    fit_long_string,
+    segment_numbers_by_tracking_uid,
+    segment_tracking_uid,
+)
+from pacs_agent.domain.results import JobResult, SegmentResult
+
+#: Default Series Number of the SR series.
+SR_SERIES_NUMBER = SEG_SERIES_NUMBER + 1
+
+#: Procedure reported when the study carries no Procedure Code Sequence (CID 100).
+_PROCEDURE_BY_MODALITY = {
+    "CT": codes.cid100.CTUnspecifiedBodyRegion,
+    "MR": codes.cid100.MRIUnspecifiedBodyRegion,
+    "PT": codes.cid100.PETUnspecifiedBodyRegion,
+    "NM": codes.cid100.NMUnspecifiedBodyRegion,
+    "CR": codes.cid100.XRUnspecifiedBodyRegion,
+    "DX": codes.cid100.XRUnspecifiedBodyRegion,
+}
+
+
+def procedure_reported(source: Dataset) -> CodedConcept:
+    """The imaging procedure the report describes (TID 1500 "Procedure reported").
+
+    The first usable item of the source's Procedure Code Sequence; otherwise the CID 100
+    "<modality> unspecified body region" code; otherwise SCT 363679005 "Imaging procedure".
+    """
+    for item in source.get("ProcedureCodeSequence", []):
+        if item.get("CodeValue") and item.get("CodingSchemeDesignator") and item.get("CodeMeaning"):
+            return CodedConcept(
+                value=str(item.CodeValue),
+                scheme_designator=str(item.CodingSchemeDesignator),
+                meaning=str(item.CodeMeaning),
+            )
+    code = _PROCEDURE_BY_MODALITY.get(
+        str(source.get("Modality", "")), codes.cid100.ImagingProcedure
+    )
+    return CodedConcept.from_code(code)
+
+
+def _observation_context(result: JobResult) -> hd.sr.ObservationContext:
+    algorithm = result.algorithm
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=algorithm.device_uid,
+        name=f"{algorithm.name} {algorithm.version}",
+        manufacturer_name=algorithm.manufacturer,
+        model_name=algorithm.name,
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
+
+
+def _algorithm_id(result: JobResult) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=result.algorithm.name,
+        version=result.algorithm.version,
+        family=codes.cid7162.ArtificialIntelligence,
+        manufacturer=result.algorithm.manufacturer,
+    )
+
+
+def _tracking(result: JobResult, segment: SegmentResult) -> hd.sr.TrackingIdentifier:
+    return hd.sr.TrackingIdentifier(
+        uid=segment_tracking_uid(result, segment.segment),
+        identifier=fit_long_string(segment.segment.label),
+    )
+
+
+def _detected_group(
+    result: JobResult, segment: SegmentResult, seg: Dataset, segment_number: int, series_uid: str
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    spec = segment.segment
+    measurements = [
+        hd.sr.Measurement(
+            name=codes.SCT.Volume,
+            value=segment.volume_mm3,
+            unit=codes.UCUM.CubicMillimeter,
+            algorithm_id=_algorithm_id(result),
+        )
+    ]
+    if segment.mean_hu is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=codes.DCM.AttenuationCoefficient,
+                value=segment.mean_hu,
+                unit=codes.UCUM.HounsfieldUnit,
+                derivation=codes.SCT.Mean,
+                algorithm_id=_algorithm_id(result),
+            )
+        )
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(result, segment),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=str(seg.SOPClassUID),
+            sop_instance_uid=str(seg.SOPInstanceUID),
+            segment_number=segment_number,
+            source_series=hd.sr.SourceSeriesForSegmentation(series_uid),
+        ),
+        finding_category=coded(spec.category),
+        finding_type=coded(spec.type),
+        algorithm_id=_algorithm_id(result),
+        measurements=measurements,
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=coded(spec.type), value=codes.cid240.Present)
+        ],
+    )
+
+
+def _absent_group(
+    result: JobResult, segment: SegmentResult
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    spec = segment.segment
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(result, segment),
+        finding_category=coded(spec.category),
+        finding_type=coded(spec.type),
+        algorithm_id=_algorithm_id(result),
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=coded(spec.type), value=codes.cid240.Absent)
+        ],
+    )
+
+
+def build_measurement_report(
+    source_datasets: Sequence[Dataset],
+    seg: Dataset | None,
+    result: JobResult,
+    *,
+    series_number: int = SR_SERIES_NUMBER,
+    instance_number: int = 1,
+) -> hd.sr.Comprehensive3DSR:
+    """A TID 1500 Measurement Report of ``result`` on ``source_datasets`` and ``seg``.
+
+    ``seg`` is the Segmentation built by :func:`pacs_agent.dicom.seg.build_segmentation` for
+    the same result (None when nothing was detected); its segments are found by Tracking UID.
+    Evidence: the source instances and the SEG. The report is complete, preliminary and
+    unverified (nobody has reviewed it). Patient and study come from the sources; SOP and
+    Series Instance UIDs from ``result.uids``.
+
+    Raises ValueError when there are no sources, they span several series, the SEG belongs to
+    another study, or a detected segment has no segment in ``seg``.
+    """
+    if not source_datasets:
+        raise ValueError("no source datasets")
+    source = source_datasets[0]
+    series_uids = {str(ds.SeriesInstanceUID) for ds in source_datasets}
+    if len(series_uids) != 1:
+        raise ValueError(f"source instances span {len(series_uids)} series; one expected")
+    (series_uid,) = series_uids
+    if seg is not None and str(seg.StudyInstanceUID) != str(source.StudyInstanceUID):
+        raise ValueError("the Segmentation belongs to another study than the source instances")
+
+    numbers = segment_numbers_by_tracking_uid(seg) if seg is not None else {}
+    groups: list[
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.MeasurementsAndQualitativeEvaluations
+    ] = []
+    for segment in result.segments:
+        if not segment.detected:
+            groups.append(_absent_group(result, segment))
+            continue
+        number = numbers.get(segment_tracking_uid(result, segment.segment))
+        if seg is None or number is None:
+            raise ValueError(
+                f"segment {segment.segment.number} ({segment.segment.label}) was detected "
+                "but the Segmentation has no segment for it"
+            )
+        groups.append(_detected_group(result, segment, seg, number, series_uid))
+
+    report = hd.sr.MeasurementReport(
+        observation_context=_observation_context(result),
+        procedure_reported=procedure_reported(source),
+        imaging_measurements=groups,
+    )
+    algorithm = result.algorithm
+    evidence = [*source_datasets, *([seg] if seg is not None else [])]
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=result.uids.sr_series_uid,
+        series_number=series_number,
+        sop_instance_uid=result.uids.sr_sop_uid,
+        instance_number=instance_number,
+        manufacturer=fit_long_string(algorithm.manufacturer),
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        contributing_equipment=[algorithm_equipment(algorithm)],
+        series_description=ai_series_description("SR", algorithm),
+        manufacturer_model_name=fit_long_string(algorithm.name),
+        software_versions=fit_long_string(algorithm.version),
+        device_serial_number=algorithm.device_uid,
+        specific_character_set=character_set(source, result),
+    )
