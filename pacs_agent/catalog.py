@@ -145,8 +145,9 @@ def load_catalog(models_dir: Path) -> Catalog:
             errors.append(str(exc))
             continue
         if card.name in models:
-            errors.append(f"{bundle}: model name {card.name!r} already used by "
-                          f"{models[card.name].bundle_dir}")
+            errors.append(
+                f"{bundle}: model name {card.name!r} already used by {models[card.name].bundle_dir}"
+            )
             continue
         models[card.name] = card
     return Catalog(models, tuple(errors))

@@ -32,27 +32,51 @@ def export_job(settings: Settings, session_factory: sessionmaker[Session], job_i
     for dest in settings.export.destinations:
         attempts: list[Export] = []
         try:
-            outcomes = store_files(host=dest.host, port=dest.port, called_ae=dest.ae_title,
-                                   calling_ae=settings.export.calling_ae_title,
-                                   paths=files, timeout_s=settings.export.timeout_s)
+            outcomes = store_files(
+                host=dest.host,
+                port=dest.port,
+                called_ae=dest.ae_title,
+                calling_ae=settings.export.calling_ae_title,
+                paths=files,
+                timeout_s=settings.export.timeout_s,
+            )
             for o in outcomes:
-                attempts.append(Export(job_id=job_id, destination=dest.name,
-                                       sop_instance_uid=o.sop_instance_uid,
-                                       status="sent" if o.ok else "failed",
-                                       dicom_status=o.status, error=o.error))
+                attempts.append(
+                    Export(
+                        job_id=job_id,
+                        destination=dest.name,
+                        sop_instance_uid=o.sop_instance_uid,
+                        status="sent" if o.ok else "failed",
+                        dicom_status=o.status,
+                        error=o.error,
+                    )
+                )
                 if not o.ok:
                     errors.append(f"{dest.name}: {Path(o.path).name}: {o.error}")
         except (AssociationFailed, OSError) as exc:
             errors.append(f"{dest.name}: {exc}")
-            attempts.append(Export(job_id=job_id, destination=dest.name, sop_instance_uid="",
-                                   status="failed", error=str(exc)))
+            attempts.append(
+                Export(
+                    job_id=job_id,
+                    destination=dest.name,
+                    sop_instance_uid="",
+                    status="failed",
+                    error=str(exc),
+                )
+            )
         with session_factory.begin() as session:
             session.add_all(attempts)
     now = utcnow()
     with session_factory.begin() as session:
         if errors:
-            transition(session, job_id, JobStatus.EXPORT_FAILED, reason="; ".join(errors)[:2000],
-                       updated_at=now, finished_at=now)
+            transition(
+                session,
+                job_id,
+                JobStatus.EXPORT_FAILED,
+                reason="; ".join(errors)[:2000],
+                updated_at=now,
+                finished_at=now,
+            )
             log.warning("job %d: export failed: %s", job_id, "; ".join(errors))
             return "export_failed"
         transition(session, job_id, JobStatus.EXPORTED, updated_at=now, finished_at=now)
@@ -61,5 +85,4 @@ def export_job(settings: Settings, session_factory: sessionmaker[Session], job_i
 
 
 def exports_of(session: Session, job_id: int) -> list[Export]:
-    return list(session.scalars(select(Export).where(Export.job_id == job_id)
-                                .order_by(Export.id)))
+    return list(session.scalars(select(Export).where(Export.job_id == job_id).order_by(Export.id)))

@@ -20,8 +20,8 @@ from pacs_agent.config import Settings
 from pacs_agent.db.jobs import expired_leases, jobs_in, stale_queued, transition
 from pacs_agent.db.models import Instance, Job, Series, Study, utcnow
 from pacs_agent.domain.completeness import (
-    Completion,
     CompletenessPolicy,
+    Completion,
     StudyArrival,
     is_complete,
 )
@@ -82,8 +82,12 @@ class Scheduler:
     def complete_studies(self, now: datetime) -> list[int]:
         with self.session_factory() as session:
             receiving = session.execute(
-                select(Study.id, Study.first_received_at, Study.last_received_at,
-                       Study.last_released_at).where(Study.status == "receiving")
+                select(
+                    Study.id,
+                    Study.first_received_at,
+                    Study.last_received_at,
+                    Study.last_released_at,
+                ).where(Study.status == "receiving")
             ).all()
         done: list[int] = []
         for study_id, first, last, released in receiving:
@@ -102,8 +106,11 @@ class Scheduler:
             # Guard: an instance that arrived since we looked keeps the study open.
             moved = session.execute(
                 update(Study)
-                .where(Study.id == study_id, Study.status == "receiving",
-                       Study.last_received_at == last_seen)
+                .where(
+                    Study.id == study_id,
+                    Study.status == "receiving",
+                    Study.last_received_at == last_seen,
+                )
                 .values(status="complete", completion=completion.value, completed_at=now)
                 .execution_options(synchronize_session=False)
             )
@@ -111,8 +118,9 @@ class Scheduler:
                 return False
             study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == study_id))
             rows = session.execute(
-                select(Series.id, Series.series_instance_uid, Series.modality,
-                       func.count(Instance.id))
+                select(
+                    Series.id, Series.series_instance_uid, Series.modality, func.count(Instance.id)
+                )
                 .join(Instance, Instance.series_id == Series.id)
                 .where(Series.study_id == study_id)
                 .group_by(Series.id, Series.series_instance_uid, Series.modality)
@@ -122,8 +130,15 @@ class Scheduler:
             for sel in select_models(facts, self.rules):
                 series_id = series_ids[sel.series_instance_uid]
                 self._supersede_older(session, series_id, sel.model)
-                job = Job(study_id=study_id, series_id=series_id, model_name=sel.model,
-                          rule=sel.rule, priority=sel.priority, created_at=now, updated_at=now)
+                job = Job(
+                    study_id=study_id,
+                    series_id=series_id,
+                    model_name=sel.model,
+                    rule=sel.rule,
+                    priority=sel.priority,
+                    created_at=now,
+                    updated_at=now,
+                )
                 try:
                     job.model_version = catalog.get(sel.model).version
                     job.status = JobStatus.PENDING.value
@@ -139,10 +154,15 @@ class Scheduler:
     def _supersede_older(session: Session, series_id: int, model: str) -> None:
         session.execute(
             update(Job)
-            .where(Job.series_id == series_id, Job.model_name == model,
-                   Job.status.not_in([JobStatus.SUPERSEDED.value, JobStatus.CANCELLED.value]))
-            .values(status=JobStatus.SUPERSEDED.value,
-                    reason="a late instance re-opened the study; a newer job replaces this one")
+            .where(
+                Job.series_id == series_id,
+                Job.model_name == model,
+                Job.status.not_in([JobStatus.SUPERSEDED.value, JobStatus.CANCELLED.value]),
+            )
+            .values(
+                status=JobStatus.SUPERSEDED.value,
+                reason="a late instance re-opened the study; a newer job replaces this one",
+            )
             .execution_options(synchronize_session=False)
         )
 
@@ -154,8 +174,7 @@ class Scheduler:
         sent = 0
         for job_id, priority in pending:
             with self.session_factory.begin() as session:
-                if not transition(session, job_id, JobStatus.QUEUED, queued_at=now,
-                                  updated_at=now):
+                if not transition(session, job_id, JobStatus.QUEUED, queued_at=now, updated_at=now):
                     continue
             try:
                 self.dispatcher.send_inference(job_id, priority)
@@ -163,8 +182,13 @@ class Scheduler:
             except Exception as exc:
                 log.warning("job %d: broker unavailable (%s); will retry", job_id, exc)
                 with self.session_factory.begin() as session:
-                    transition(session, job_id, JobStatus.PENDING,
-                               only_from=[JobStatus.QUEUED], updated_at=now)
+                    transition(
+                        session,
+                        job_id,
+                        JobStatus.PENDING,
+                        only_from=[JobStatus.QUEUED],
+                        updated_at=now,
+                    )
                 break
         return sent
 
@@ -174,29 +198,50 @@ class Scheduler:
         with self.session_factory() as session:
             expired = expired_leases(session, now)
             stale = stale_queued(session, now - timedelta(seconds=w.requeue_after_s))
-            stuck_exports = list(session.scalars(
-                select(Job.id).where(Job.status == JobStatus.EXPORTING.value,
-                                     Job.updated_at < now - timedelta(seconds=w.requeue_after_s))
-            ))
+            stuck_exports = list(
+                session.scalars(
+                    select(Job.id).where(
+                        Job.status == JobStatus.EXPORTING.value,
+                        Job.updated_at < now - timedelta(seconds=w.requeue_after_s),
+                    )
+                )
+            )
         for job_id in expired:
             with self.session_factory.begin() as session:
-                moved = transition(session, job_id, JobStatus.QUEUED,
-                                   only_from=[JobStatus.RUNNING], queued_at=now, updated_at=now,
-                                   reason="lease expired (worker lost); sent again")
+                moved = transition(
+                    session,
+                    job_id,
+                    JobStatus.QUEUED,
+                    only_from=[JobStatus.RUNNING],
+                    queued_at=now,
+                    updated_at=now,
+                    reason="lease expired (worker lost); sent again",
+                )
             if moved:
                 log.warning("job %d: lease expired; sending again", job_id)
                 self._send(job_id)
         for job_id in stale:
             with self.session_factory.begin() as session:
-                moved = transition(session, job_id, JobStatus.QUEUED,
-                                   only_from=[JobStatus.QUEUED], queued_at=now, updated_at=now)
+                moved = transition(
+                    session,
+                    job_id,
+                    JobStatus.QUEUED,
+                    only_from=[JobStatus.QUEUED],
+                    queued_at=now,
+                    updated_at=now,
+                )
             if moved:
                 log.warning("job %d: queued too long (message lost?); sending again", job_id)
                 self._send(job_id)
         for job_id in stuck_exports:
             with self.session_factory.begin() as session:
-                transition(session, job_id, JobStatus.EXPORTING,
-                           only_from=[JobStatus.EXPORTING], updated_at=now)
+                transition(
+                    session,
+                    job_id,
+                    JobStatus.EXPORTING,
+                    only_from=[JobStatus.EXPORTING],
+                    updated_at=now,
+                )
             try:
                 self.dispatcher.send_export(job_id)
             except Exception as exc:

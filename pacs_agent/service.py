@@ -75,8 +75,9 @@ def serve(settings: Settings, *, config_file: Path | None, with_worker: bool) ->
     log.info("model catalog: %s", ", ".join(sorted(catalog.models)) or "(empty)")
 
     dispatcher = CeleryDispatcher(make_celery(settings))
-    scheduler = Scheduler(settings, session_factory, dispatcher,
-                          catalog=lambda: load_catalog(settings.models_dir))
+    scheduler = Scheduler(
+        settings, session_factory, dispatcher, catalog=lambda: load_catalog(settings.models_dir)
+    )
     worker = EmbeddedWorker(worker_command(config_file)) if with_worker else None
 
     stop = threading.Event()
@@ -88,14 +89,16 @@ def serve(settings: Settings, *, config_file: Path | None, with_worker: bool) ->
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
 
-    server = start_listener(settings.listener, Receiver(Spool(settings.spool_dir),
-                                                        session_factory))
+    server = start_listener(settings.listener, Receiver(Spool(settings.spool_dir), session_factory))
     if worker is not None:
         worker.start()
     thread = threading.Thread(target=scheduler.run, args=(stop,), name="scheduler", daemon=True)
     thread.start()
-    print(f"pacs-agent listening as {settings.listener.ae_title} on "
-          f"{settings.listener.host}:{settings.listener.port}", flush=True)
+    print(
+        f"pacs-agent listening as {settings.listener.ae_title} on "
+        f"{settings.listener.host}:{settings.listener.port}",
+        flush=True,
+    )
     try:
         while not stop.wait(1.0):
             if worker is not None:

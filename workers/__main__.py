@@ -29,9 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.loglevel or settings.logging.level,
-                        format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: "
-                               "%(message)s")
+    logging.basicConfig(
+        level=args.loglevel or settings.logging.level,
+        format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s",
+    )
     if settings.database.auto_upgrade:
         upgrade(settings.database_url)
 
@@ -40,12 +41,24 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings)
     queues = args.queues or f"{settings.broker.inference_queue},{settings.broker.io_queue}"
     concurrency = args.concurrency or settings.worker.concurrency
-    app.worker_main([
-        "worker", "--queues", queues, "--concurrency", str(concurrency), "--pool", args.pool,
-        "--loglevel", args.loglevel or settings.logging.level,
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
-        "--hostname", f"pacs-agent-{queues.replace(',', '-')}@%h",
-    ])
+    app.worker_main(
+        [
+            "worker",
+            "--queues",
+            queues,
+            "--concurrency",
+            str(concurrency),
+            "--pool",
+            args.pool,
+            "--loglevel",
+            args.loglevel or settings.logging.level,
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "--hostname",
+            f"pacs-agent-{queues.replace(',', '-')}@%h",
+        ]
+    )
     return 0
 
 

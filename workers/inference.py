@@ -51,8 +51,14 @@ def run_inference_job(ctx: WorkerContext, job_id: int) -> str:
     now = utcnow()
     with ctx.session_factory.begin() as session:
         claimed = transition(
-            session, job_id, JobStatus.RUNNING, only_from=[JobStatus.QUEUED],
-            started_at=now, updated_at=now, worker=ctx.name, reason=None,
+            session,
+            job_id,
+            JobStatus.RUNNING,
+            only_from=[JobStatus.QUEUED],
+            started_at=now,
+            updated_at=now,
+            worker=ctx.name,
+            reason=None,
             lease_expires_at=now + timedelta(seconds=settings.worker.lease_s),
             attempts=Job.attempts + 1,
         )
@@ -66,14 +72,28 @@ def run_inference_job(ctx: WorkerContext, job_id: int) -> str:
         log.exception("job %d failed", job_id)
         done = utcnow()
         with ctx.session_factory.begin() as session:
-            transition(session, job_id, JobStatus.FAILED, only_from=[JobStatus.RUNNING],
-                       reason=reason[:2000], finished_at=done, updated_at=done)
+            transition(
+                session,
+                job_id,
+                JobStatus.FAILED,
+                only_from=[JobStatus.RUNNING],
+                reason=reason[:2000],
+                finished_at=done,
+                updated_at=done,
+            )
         return "failed"
     done = utcnow()
     export = bool(settings.export.destinations)
     with ctx.session_factory.begin() as session:
-        transition(session, job_id, JobStatus.SUCCEEDED, only_from=[JobStatus.RUNNING],
-                   finished_at=done, updated_at=done, **files)
+        transition(
+            session,
+            job_id,
+            JobStatus.SUCCEEDED,
+            only_from=[JobStatus.RUNNING],
+            finished_at=done,
+            updated_at=done,
+            **files,
+        )
         if export:
             transition(session, job_id, JobStatus.EXPORTING, updated_at=done)
     if export:
@@ -93,25 +113,30 @@ def _produce(ctx: WorkerContext, job_id: int) -> dict[str, str | None]:
         series = session.get(Series, job.series_id)
         study = session.get(Study, job.study_id)
         assert series is not None and study is not None
-        paths = [spool.path(p) for p in session.scalars(
-            select(Instance.path).where(Instance.series_id == series.id))]
+        paths = [
+            spool.path(p)
+            for p in session.scalars(select(Instance.path).where(Instance.series_id == series.id))
+        ]
         model_name = job.model_name
         study_uid, series_uid = study.study_instance_uid, series.series_instance_uid
     if not paths:
         raise JobInputError("the series has no instances")
     card = load_catalog(settings.models_dir).get(model_name)
     if card.task != "segmentation":
-        raise JobInputError(f"model {card.name} is a {card.task} model; only segmentation "
-                            "runs in this version")
+        raise JobInputError(
+            f"model {card.name} is a {card.task} model; only segmentation runs in this version"
+        )
     datasets: list[Dataset] = [dcmread(p) for p in paths]
     mask = _runner(ctx, card).segment(spool.series_dir(study_uid, series_uid), datasets)
 
-    uids = ResultUIDs(*job_result_uids(settings.uid_root, study_uid, series_uid, card.name,
-                                       card.version))
+    uids = ResultUIDs(
+        *job_result_uids(settings.uid_root, study_uid, series_uid, card.name, card.version)
+    )
     segments = segment_results(mask, datasets, card.segments)
     result = JobResult(algorithm=card.algorithm(settings.uid_root), segments=segments, uids=uids)
-    seg = build_segmentation(datasets, mask, result,
-                             include_empty=settings.export.include_empty_seg)
+    seg = build_segmentation(
+        datasets, mask, result, include_empty=settings.export.include_empty_seg
+    )
     sr = build_measurement_report(datasets, seg, result)
 
     out_rel = Path(study_uid) / str(job_id)
@@ -126,15 +151,28 @@ def _produce(ctx: WorkerContext, job_id: int) -> dict[str, str | None]:
     with ctx.session_factory.begin() as session:
         session.execute(delete(Finding).where(Finding.job_id == job_id))
         for s in segments:
-            session.add(Finding(
-                job_id=job_id, segment_number=s.segment.number, label=s.segment.label,
-                code_value=s.segment.type.value, code_scheme=s.segment.type.scheme,
-                code_meaning=s.segment.type.meaning, detected=s.detected,
-                voxel_count=s.voxel_count, volume_mm3=s.volume_mm3, mean_hu=s.mean_hu,
-                flag=s.detected,
-            ))
-    log.info("job %d: %s on series %s: %d segment(s) detected", job_id, card.name, series_uid,
-             sum(1 for s in segments if s.detected))
+            session.add(
+                Finding(
+                    job_id=job_id,
+                    segment_number=s.segment.number,
+                    label=s.segment.label,
+                    code_value=s.segment.type.value,
+                    code_scheme=s.segment.type.scheme,
+                    code_meaning=s.segment.type.meaning,
+                    detected=s.detected,
+                    voxel_count=s.voxel_count,
+                    volume_mm3=s.volume_mm3,
+                    mean_hu=s.mean_hu,
+                    flag=s.detected,
+                )
+            )
+    log.info(
+        "job %d: %s on series %s: %d segment(s) detected",
+        job_id,
+        card.name,
+        series_uid,
+        sum(1 for s in segments if s.detected),
+    )
     return {
         "seg_path": str(seg_rel) if seg_rel else None,
         "sr_path": str(sr_rel),

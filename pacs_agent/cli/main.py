@@ -13,8 +13,11 @@ import typer
 
 from pacs_agent.config import CONFIG_ENV, ConfigError, Settings, effective_settings, load_settings
 
-app = typer.Typer(help="pacs-agent: AI results for your PACS.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="pacs-agent: AI results for your PACS.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 config_app = typer.Typer(help="Settings.", no_args_is_help=True)
 models_app = typer.Typer(help="The model catalog.", no_args_is_help=True)
@@ -94,8 +97,11 @@ def serve(
     settings = _settings(ctx)
     _logging(settings)
     config = ctx.ensure_object(dict).get("config")
-    raise typer.Exit(run_serve(settings, config_file=config,
-                               with_worker=settings.worker.embedded and not no_worker))
+    raise typer.Exit(
+        run_serve(
+            settings, config_file=config, with_worker=settings.worker.embedded and not no_worker
+        )
+    )
 
 
 @app.command()
@@ -112,8 +118,7 @@ def worker(
     config = ctx.ensure_object(dict).get("config")
     if config is not None:
         args += ["--config", str(config)]
-    for flag, value in (("--queues", queues), ("--concurrency", concurrency),
-                        ("--device", device)):
+    for flag, value in (("--queues", queues), ("--concurrency", concurrency), ("--device", device)):
         if value is not None:
             args += [flag, str(value)]
     os.execv(sys.executable, args)
@@ -128,9 +133,15 @@ def models_list(
 
     catalog = load_catalog(_settings(ctx).models_dir)
     rows = [
-        {"name": c.name, "version": c.version, "task": c.task, "clinical_use": c.clinical_use,
-         "accepts_modality": list(c.accepts_modality), "bundle": str(c.bundle_dir),
-         "segments": [s.label for s in c.segments]}
+        {
+            "name": c.name,
+            "version": c.version,
+            "task": c.task,
+            "clinical_use": c.clinical_use,
+            "accepts_modality": list(c.accepts_modality),
+            "bundle": str(c.bundle_dir),
+            "segments": [s.label for s in c.segments],
+        }
         for c in catalog.models.values()
     ]
     if as_json:
@@ -163,9 +174,16 @@ def jobs_list(
         if status:
             q = q.where(Job.status == status)
         rows = [
-            {"id": j.id, "study": uid, "model": j.model_name, "version": j.model_version,
-             "status": j.status, "reason": j.reason, "attempts": j.attempts,
-             "created_at": j.created_at.isoformat()}
+            {
+                "id": j.id,
+                "study": uid,
+                "model": j.model_name,
+                "version": j.model_version,
+                "status": j.status,
+                "reason": j.reason,
+                "attempts": j.attempts,
+                "created_at": j.created_at.isoformat(),
+            }
             for j, uid in session.execute(q.limit(500))
         ]
     if as_json:
@@ -173,8 +191,9 @@ def jobs_list(
         return
     for r in rows:
         reason = f"  ({r['reason']})" if r["reason"] else ""
-        typer.echo(f"{r['id']:>6} {r['status']:<14} {r['model']} {r['version']}  "
-                   f"{r['study']}{reason}")
+        typer.echo(
+            f"{r['id']:>6} {r['status']:<14} {r['model']} {r['version']}  {r['study']}{reason}"
+        )
 
 
 @app.command()
@@ -188,9 +207,12 @@ def echo(
     from pacs_agent.net.scu import echo as c_echo
 
     s = _settings(ctx)
-    status = c_echo(host=host, port=port or s.listener.port,
-                    called_ae=ae_title or s.listener.ae_title,
-                    calling_ae=s.export.calling_ae_title)
+    status = c_echo(
+        host=host,
+        port=port or s.listener.port,
+        called_ae=ae_title or s.listener.ae_title,
+        calling_ae=s.export.calling_ae_title,
+    )
     if status is None:
         typer.echo("no association", err=True)
         raise typer.Exit(1)
@@ -206,8 +228,11 @@ def demo(
     """Start the agent, send it a synthetic CT study over DICOM, print the AI findings."""
     from pacs_agent.demo.run import run_demo
 
-    raise typer.Exit(run_demo(_settings(ctx), config_file=ctx.ensure_object(dict).get("config"),
-                              timeout_s=timeout))
+    raise typer.Exit(
+        run_demo(
+            _settings(ctx), config_file=ctx.ensure_object(dict).get("config"), timeout_s=timeout
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,10 @@ def find_instance_digest(session_factory: sessionmaker[Session], sop_uid: str) -
 
 
 def index_instance(
-    session_factory: sessionmaker[Session], header: InstanceHeader, stored: StoredFile, now: datetime
+    session_factory: sessionmaker[Session],
+    header: InstanceHeader,
+    stored: StoredFile,
+    now: datetime,
 ) -> IndexOutcome:
     """Record one durable instance in one transaction; re-opens a study that was complete.
 

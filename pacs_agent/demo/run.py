@@ -31,9 +31,18 @@ def _wait_for_listener(settings: Settings, proc: subprocess.Popen[bytes], timeou
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"pacs-agent serve exited with {proc.returncode}")
-        if echo(host="127.0.0.1" if settings.listener.host in ("0.0.0.0", "") else
-                settings.listener.host, port=settings.listener.port,
-                called_ae=settings.listener.ae_title, calling_ae="DEMO", timeout_s=2) == 0:
+        if (
+            echo(
+                host="127.0.0.1"
+                if settings.listener.host in ("0.0.0.0", "")
+                else settings.listener.host,
+                port=settings.listener.port,
+                called_ae=settings.listener.ae_title,
+                calling_ae="DEMO",
+                timeout_s=2,
+            )
+            == 0
+        ):
             return
         time.sleep(0.5)
     raise TimeoutError("the listener did not answer C-ECHO in time")
@@ -44,8 +53,11 @@ def _wait_for_jobs(sf: sessionmaker[Session], study_uid: str, timeout_s: float) 
     last = ""
     while time.monotonic() < deadline:
         with sf() as session:
-            jobs = list(session.scalars(
-                select(Job).join(Study).where(Study.study_instance_uid == study_uid)))
+            jobs = list(
+                session.scalars(
+                    select(Job).join(Study).where(Study.study_instance_uid == study_uid)
+                )
+            )
         state = ", ".join(f"job {j.id}: {j.status}" for j in jobs) or "study not complete yet"
         if state != last:
             print(f"  {state}", flush=True)
@@ -76,13 +88,19 @@ def run_demo(settings: Settings, *, config_file: Path | None, timeout_s: float) 
         _wait_for_listener(settings, proc, timeout_s=120)
         host = "127.0.0.1" if settings.listener.host in ("0.0.0.0", "") else settings.listener.host
         t0 = time.monotonic()
-        outcomes = store_files(host=host, port=settings.listener.port,
-                               called_ae=settings.listener.ae_title, calling_ae="DEMO",
-                               paths=paths)
+        outcomes = store_files(
+            host=host,
+            port=settings.listener.port,
+            called_ae=settings.listener.ae_title,
+            calling_ae="DEMO",
+            paths=paths,
+        )
         bad = [o for o in outcomes if not o.ok]
-        print(f"sent {len(outcomes) - len(bad)}/{len(outcomes)} instances by C-STORE to "
-              f"{settings.listener.ae_title}@{host}:{settings.listener.port} "
-              f"in {time.monotonic() - t0:.1f} s")
+        print(
+            f"sent {len(outcomes) - len(bad)}/{len(outcomes)} instances by C-STORE to "
+            f"{settings.listener.ae_title}@{host}:{settings.listener.port} "
+            f"in {time.monotonic() - t0:.1f} s"
+        )
         if bad:
             print(f"C-STORE failures: {bad[0].error}", file=sys.stderr)
             return 1
@@ -109,13 +127,18 @@ def _report(sf: sessionmaker[Session], settings: Settings, jobs: list[Job]) -> i
             ok = False
             continue
         with sf() as session:
-            findings = list(session.scalars(select(Finding).where(Finding.job_id == job.id)
-                                            .order_by(Finding.segment_number)))
+            findings = list(
+                session.scalars(
+                    select(Finding).where(Finding.job_id == job.id).order_by(Finding.segment_number)
+                )
+            )
         for f in findings:
             if f.detected:
                 hu = f", mean {f.mean_hu:.0f} HU" if f.mean_hu is not None else ""
-                print(f"  finding: {f.label} ({f.code_meaning}, {f.code_scheme} {f.code_value}):"
-                      f" {f.volume_mm3:.0f} mm3{hu}")
+                print(
+                    f"  finding: {f.label} ({f.code_meaning}, {f.code_scheme} {f.code_value}):"
+                    f" {f.volume_mm3:.0f} mm3{hu}"
+                )
             else:
                 print(f"  finding: {f.label}: not detected")
         if job.seg_path:

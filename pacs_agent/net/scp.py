@@ -73,19 +73,23 @@ def handle_store(event: Any, receiver: Receiver) -> int | Dataset:
         ds = dcmread(BytesIO(data), stop_before_pixels=True)
         header = instance_header(ds)
     except InvalidUID as exc:
-        log.warning("C-STORE refused 0xA900: %s (request SOP %s)", exc,
-                    request.AffectedSOPInstanceUID)
+        log.warning(
+            "C-STORE refused 0xA900: %s (request SOP %s)", exc, request.AffectedSOPInstanceUID
+        )
         return _status(DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))
     except Exception as exc:
         log.warning("C-STORE refused 0xC210: cannot decode (%s: %s)", type(exc).__name__, exc)
         return _status(CANNOT_UNDERSTAND, f"cannot decode dataset: {type(exc).__name__}")
 
     if header.sop_instance_uid != request.AffectedSOPInstanceUID:
-        return _status(DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                       "SOPInstanceUID differs from Affected SOP Instance UID")
+        return _status(
+            DATASET_DOES_NOT_MATCH_SOP_CLASS,
+            "SOPInstanceUID differs from Affected SOP Instance UID",
+        )
     if header.sop_class_uid != request.AffectedSOPClassUID:
-        return _status(DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                       "SOPClassUID differs from Affected SOP Class UID")
+        return _status(
+            DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from Affected SOP Class UID"
+        )
 
     digest = hashlib.sha256(data).hexdigest()
     relative = receiver.spool.relative_path(
@@ -94,8 +98,11 @@ def handle_store(event: Any, receiver: Receiver) -> int | Dataset:
     try:
         receiver.spool.store(relative, data)
     except OSError as exc:
-        log.error("C-STORE 0xA700: spool write failed for SOP %s: %s",
-                  header.sop_instance_uid, exc.strerror or exc)
+        log.error(
+            "C-STORE 0xA700: spool write failed for SOP %s: %s",
+            header.sop_instance_uid,
+            exc.strerror or exc,
+        )
         return _status(OUT_OF_RESOURCES, f"storage failed: {exc.strerror or 'I/O error'}")
 
     stored = StoredFile(
@@ -108,13 +115,21 @@ def handle_store(event: Any, receiver: Receiver) -> int | Dataset:
     try:
         outcome = index_instance(receiver.session_factory, header, stored, receiver.clock())
     except Exception as exc:
-        log.error("C-STORE 0xA700: index failed for SOP %s: %s: %s",
-                  header.sop_instance_uid, type(exc).__name__, exc)
+        log.error(
+            "C-STORE 0xA700: index failed for SOP %s: %s: %s",
+            header.sop_instance_uid,
+            type(exc).__name__,
+            exc,
+        )
         return _status(OUT_OF_RESOURCES, f"index failed: {type(exc).__name__}")
     receiver.touched(event.assoc, header.study_instance_uid)
     if outcome is not IndexOutcome.NEW:
-        log.info("C-STORE %s: study %s SOP %s", outcome.value, header.study_instance_uid,
-                 header.sop_instance_uid)
+        log.info(
+            "C-STORE %s: study %s SOP %s",
+            outcome.value,
+            header.study_instance_uid,
+            header.sop_instance_uid,
+        )
     return SUCCESS
 
 
@@ -142,7 +157,8 @@ def build_ae(settings: ListenerSettings) -> AE:
     ae.require_called_aet = True
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        if context.abstract_syntax is not None:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
     return ae
 
 
@@ -150,7 +166,7 @@ def start_listener(settings: ListenerSettings, receiver: Receiver) -> Any:
     """Start the SCP in background threads; returns the server (call ``shutdown()``)."""
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # no identifier datasets in logs
     ae = build_ae(settings)
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_C_STORE, handle_store, [receiver]),
         (evt.EVT_RELEASED, handle_released, [receiver]),
         (evt.EVT_ABORTED, handle_aborted, [receiver]),

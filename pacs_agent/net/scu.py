@@ -27,8 +27,9 @@ class StoreOutcome:
 
     @property
     def ok(self) -> bool:
-        return self.status is not None and (self.status == 0 or self.status in (0xB000, 0xB007,
-                                                                                  0xB006))
+        return self.status is not None and (
+            self.status == 0 or self.status in (0xB000, 0xB007, 0xB006)
+        )
 
 
 def set_nodelay(assoc: Any) -> None:
@@ -47,7 +48,12 @@ def _ae(calling_ae: str, timeout_s: float) -> AE:
 
 
 def store_files(
-    *, host: str, port: int, called_ae: str, calling_ae: str, paths: Sequence[Path],
+    *,
+    host: str,
+    port: int,
+    called_ae: str,
+    calling_ae: str,
+    paths: Sequence[Path],
     timeout_s: float = 30.0,
 ) -> list[StoreOutcome]:
     """Send ``paths`` over one association; one outcome per file, in order.
@@ -62,8 +68,9 @@ def store_files(
         if key in seen:
             continue
         seen.add(key)
-        syntaxes = [key[1]] + [t for t in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-                               if t != key[1]]
+        syntaxes = [key[1]] + [
+            t for t in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if t != key[1]
+        ]
         ae.add_requested_context(key[0], syntaxes)
     assoc = ae.associate(host, port, ae_title=called_ae)
     if not assoc.is_established:
@@ -88,8 +95,9 @@ def store_files(
     return outcomes
 
 
-def echo(*, host: str, port: int, called_ae: str, calling_ae: str,
-         timeout_s: float = 10.0) -> int | None:
+def echo(
+    *, host: str, port: int, called_ae: str, calling_ae: str, timeout_s: float = 10.0
+) -> int | None:
     """C-ECHO; the status, or None when no association could be made."""
     ae = _ae(calling_ae, timeout_s)
     ae.add_requested_context(Verification)

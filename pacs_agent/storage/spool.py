@@ -76,8 +76,10 @@ class Spool:
         return self.root / relative
 
     def series_dir(self, study_uid: str, series_uid: str) -> Path:
-        return self.root / check_uid("StudyInstanceUID", study_uid) / check_uid(
-            "SeriesInstanceUID", series_uid
+        return (
+            self.root
+            / check_uid("StudyInstanceUID", study_uid)
+            / check_uid("SeriesInstanceUID", series_uid)
         )
 
     def store(self, relative: Path, data: bytes | memoryview) -> Path:

@@ -28,7 +28,8 @@ SHARED = REPO.parent / "shared"
 def require_services() -> bool:
     """In CI a missing server fails the test instead of skipping it."""
     return os.environ.get("CI", "") not in ("", "0", "false") or bool(
-        os.environ.get("PACS_AGENT_REQUIRE_SERVICES"))
+        os.environ.get("PACS_AGENT_REQUIRE_SERVICES")
+    )
 
 
 def free_port() -> int:
@@ -86,8 +87,7 @@ class Orthanc:
         cfg.write_text(json.dumps(config, indent=2))
         env = {**os.environ, "TCP_NODELAY": "1"}
         log = (self.workdir / "orthanc.log").open("wb")
-        self.proc = subprocess.Popen([exe, str(cfg)], env=env, stdout=log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([exe, str(cfg)], env=env, stdout=log, stderr=subprocess.STDOUT)
         wait_for(lambda: self._alive(), 30, "Orthanc to answer HTTP")
 
     def _alive(self) -> bool:
@@ -108,10 +108,16 @@ class Orthanc:
                 self.proc.kill()
                 self.proc.wait()
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                content_type: str = "application/json") -> Any:
-        req = urllib.request.Request(self.url + path, data=body, method=method,
-                                     headers={"Content-Type": content_type})
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+    ) -> Any:
+        req = urllib.request.Request(
+            self.url + path, data=body, method=method, headers={"Content-Type": content_type}
+        )
         with urllib.request.urlopen(req, timeout=120) as rsp:
             data = rsp.read()
         if not data:
@@ -153,14 +159,16 @@ class Agent:
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_AGENT_")}
-        env.update({
-            "PACS_AGENT_DATA_DIR": str(self.data_dir),
-            "PACS_AGENT_LISTENER__PORT": str(self.port),
-            "PACS_AGENT_LISTENER__AE_TITLE": self.ae_title,
-            "PACS_AGENT_ASSEMBLER__IDLE_TIMEOUT_S": "1",
-            "PACS_AGENT_ASSEMBLER__POLL_INTERVAL_S": "0.2",
-            "PACS_AGENT_WORKER__DEVICE": "cpu",
-        })
+        env.update(
+            {
+                "PACS_AGENT_DATA_DIR": str(self.data_dir),
+                "PACS_AGENT_LISTENER__PORT": str(self.port),
+                "PACS_AGENT_LISTENER__AE_TITLE": self.ae_title,
+                "PACS_AGENT_ASSEMBLER__IDLE_TIMEOUT_S": "1",
+                "PACS_AGENT_ASSEMBLER__POLL_INTERVAL_S": "0.2",
+                "PACS_AGENT_WORKER__DEVICE": "cpu",
+            }
+        )
         env.update(self.env_overrides)
         if self.config_toml:
             cfg = self.workdir / "pacs-agent.toml"
@@ -174,8 +182,9 @@ class Agent:
         if not self.with_worker:
             cmd.append("--no-worker")
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                     cwd=self.workdir)
+        self.proc = subprocess.Popen(
+            cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir
+        )
         wait_for(self._listening, 60, "pacs-agent to answer C-ECHO")
 
     def _listening(self) -> bool:
@@ -183,8 +192,16 @@ class Agent:
 
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"pacs-agent exited:\n{self.log_path.read_text()[-4000:]}")
-        return echo(host="127.0.0.1", port=self.port, called_ae=self.ae_title,
-                    calling_ae="TESTSCU", timeout_s=2) == 0
+        return (
+            echo(
+                host="127.0.0.1",
+                port=self.port,
+                called_ae=self.ae_title,
+                calling_ae="TESTSCU",
+                timeout_s=2,
+            )
+            == 0
+        )
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -200,7 +217,8 @@ class Agent:
 
 
 POSTGRES_ADMIN_URL = os.environ.get(
-    "PACS_AGENT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    "PACS_AGENT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 
 
 @contextlib.contextmanager

@@ -34,7 +34,8 @@ class Listener:
         self.session_factory = make_session_factory(make_engine(self.url))
         self.spool = Spool(root / "spool")
         self.server = start_listener(
-            ListenerSettings(port=self.port), Receiver(self.spool, self.session_factory))
+            ListenerSettings(port=self.port), Receiver(self.spool, self.session_factory)
+        )
 
     def count(self, model: type) -> int:
         with self.session_factory() as s:
@@ -53,9 +54,13 @@ def listener(tmp_path: Path) -> Iterator[Listener]:
 def _storescu(port: int, files: list[Path], *extra: str) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("storescu")
     assert exe, "dcmtk storescu is required (apt-get install dcmtk)"
-    return subprocess.run([exe, "-v", "-aec", "PACSAGENT", *extra, "127.0.0.1", str(port),
-                           *map(str, files)], capture_output=True, text=True, timeout=120,
-                          env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [exe, "-v", "-aec", "PACSAGENT", *extra, "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
+    )
 
 
 def test_c_echo_succeeds(listener: Listener) -> None:
@@ -97,10 +102,12 @@ def test_storescu_study_is_stored_byte_for_byte_and_indexed(
 
 def test_same_instance_twice_is_success_and_stored_once(listener: Listener, tmp_path: Path) -> None:
     files = write_study(make_ct_study(None, slices=8, rows=48, cols=48, seed=12), tmp_path / "in")
-    assert store_files(host="127.0.0.1", port=listener.port, called_ae="PACSAGENT",
-                       calling_ae="A", paths=files)[0].ok
-    again = store_files(host="127.0.0.1", port=listener.port, called_ae="PACSAGENT",
-                        calling_ae="A", paths=files)
+    assert store_files(
+        host="127.0.0.1", port=listener.port, called_ae="PACSAGENT", calling_ae="A", paths=files
+    )[0].ok
+    again = store_files(
+        host="127.0.0.1", port=listener.port, called_ae="PACSAGENT", calling_ae="A", paths=files
+    )
     assert all(o.ok for o in again)
     assert listener.count(Instance) == 8
 
@@ -117,7 +124,7 @@ def send_files_as_they_are(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_unrepaired_real_ct_is_refused_with_a_clear_status(
     listener: Listener, shared_data: Path
 ) -> None:
-    """The anonymiser blanked the UIDs of these files: the agent answers 0xA900 and stores nothing."""
+    """The anonymiser blanked these files' UIDs: the agent answers 0xA900 and stores nothing."""
     files = sorted((shared_data / "ct_torso_human_totalseg_20sl").iterdir())[:3]
     ae = AE(ae_title="TESTSCU")
     ae.add_requested_context(CTImageStorage, dcmread(files[0]).file_meta.TransferSyntaxUID)

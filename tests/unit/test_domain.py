@@ -5,8 +5,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from pacs_agent.domain.completeness import (
-    Completion,
     CompletenessPolicy,
+    Completion,
     StudyArrival,
     is_complete,
 )
@@ -59,8 +59,10 @@ def test_routing_selects_ct_series_and_says_why_not_for_others() -> None:
 
 
 def test_routing_runs_each_model_once_per_series_even_if_two_rules_match() -> None:
-    rules = [Rule(name="a", models=("seg",), modality=("CT",), priority=5),
-             Rule(name="b", models=("seg", "cls"))]
+    rules = [
+        Rule(name="a", models=("seg",), modality=("CT",), priority=5),
+        Rule(name="b", models=("seg", "cls")),
+    ]
     chosen = select_models([SeriesFacts("1.2.1", "CT", 3)], rules)
     assert [(s.model, s.rule, s.priority) for s in chosen] == [("seg", "a", 5), ("cls", "b", 0)]
 

@@ -12,9 +12,17 @@ from pacs_agent.dicom.structure import Truncated, check_complete, file_meta_end
 # Explicit and implicit VR, big endian, JPEG / JPEG 2000 / RLE encapsulated pixel data,
 # sequences of undefined length, a SEG and an SR.
 FILES = [
-    "CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm",
-    "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm", "MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm",
-    "test-SR.dcm", "SC_rgb_small_odd.dcm", "image_dfl.dcm",
+    "CT_small.dcm",
+    "MR_small.dcm",
+    "MR_small_implicit.dcm",
+    "MR_small_bigendian.dcm",
+    "JPEG2000.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm",
+    "MR_small_RLE.dcm",
+    "MR_small_jpeg_ls_lossless.dcm",
+    "test-SR.dcm",
+    "SC_rgb_small_odd.dcm",
+    "image_dfl.dcm",
 ]
 
 
