@@ -176,9 +176,20 @@ def test_labels_on_frames_maps_pixels_through_the_affine() -> None:
 def test_training_script_short_run_writes_a_loadable_model(tmp_path: Path) -> None:
     out = tmp_path / "bundle"
     run = subprocess.run(
-        [sys.executable, "-m", "workers.training.train_demo_seg",
-         "--out", str(out), "--iterations", "3"],
-        cwd=ROOT, capture_output=True, text=True, check=False, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "workers.training.train_demo_seg",
+            "--out",
+            str(out),
+            "--iterations",
+            "3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "held-out Dice" in run.stdout
@@ -187,3 +198,9 @@ def test_training_script_short_run_writes_a_loadable_model(tmp_path: Path) -> No
     assert isinstance(state, dict) and state
     (out / "configs").symlink_to(DEMO_BUNDLE / "configs", target_is_directory=True)
     BundleRunner(out, device="cpu")  # the weights fit the bundle's own network
+
+
+def test_runner_applies_config_overrides_before_building(tmp_path: Path) -> None:
+    runner = BundleRunner(DEMO_BUNDLE, device="cpu", overrides={"inferer#overlap": 0.5})
+    assert runner.inferer.overlap == 0.5
+    assert runner.device == torch.device("cpu")

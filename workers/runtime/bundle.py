@@ -1,0 +1,323 @@
+"""Run an unchanged MONAI bundle on one DICOM series and map its labels onto the source frames.
+
+A bundle is a folder in MONAI Model Zoo layout: ``configs/inference.json`` (or ``.yaml``/``.yml``)
+and ``models/model.pt`` (a state dict, or a checkpoint dict with a ``"model"`` entry) or
+``models/model.ts`` (TorchScript). :class:`BundleRunner` parses the configuration once with
+:class:`monai.bundle.ConfigParser` (``bundle_root`` set, ``device`` overridden), builds the
+bundle's own network and loads its weights once; :meth:`BundleRunner.segment` can then be called
+for many series. Per series it runs, exactly as the bundle defines them:
+
+1. ``preprocessing`` on ``{image_key: "<series folder>"}`` (``LoadImaged`` reads a DICOM folder);
+2. ``inferer`` with the network (no gradients; autocast on CUDA);
+3. ``postprocessing`` with the steps that write files (``SaveImaged`` and the like) left out.
+
+The prediction that comes out carries its own affine (usually back on the grid of the loaded
+series, thanks to ``Invertd``, but any grid works); every pixel of every source frame is mapped
+through that affine to the nearest voxel of the prediction, so the result lines up with the frames
+whatever order the caller passes them in and whatever the bundle resampled to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from monai.bundle import ConfigParser
+from monai.data import MetaTensor
+from monai.transforms import Compose
+from pydicom.dataset import Dataset
+
+__all__ = [
+    "CONFIG_NAMES",
+    "BundleError",
+    "BundleRunner",
+    "SeriesGeometryError",
+    "labels_on_frames",
+    "resolve_device",
+]
+
+log = logging.getLogger(__name__)
+
+#: Inference configuration files looked for under ``configs/``, in this order.
+CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
+#: The key MONAI's engines (and bundles' postprocessing) use for the network output.
+PRED_KEY = "pred"
+_LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: Transforms that only write files; left out of a bundle's postprocessing.
+_WRITER_NAMES = frozenset(
+    {"SaveImage", "SaveImaged", "SaveClassification", "SaveClassificationd", "WriteFileMapping"}
+)
+
+
+class BundleError(ValueError):
+    """The bundle cannot be used: a file is missing or its configuration lacks or breaks a part."""
+
+
+class SeriesGeometryError(ValueError):
+    """The source datasets lack the geometry needed to place the prediction on their frames."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> ``cuda`` when CUDA is available, else ``cpu``; anything else as torch reads it.
+
+    Raises ValueError for a string torch does not accept as a device.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"not a device: {device!r} ({exc})") from exc
+
+
+def _writes_files(transform: object) -> bool:
+    return type(transform).__name__ in _WRITER_NAMES
+
+
+def _without_writers(transform: Any) -> Any:
+    """``transform`` with every file-writing step dropped (recursing into nested Compose)."""
+    if isinstance(transform, Compose):
+        transform.transforms = [
+            _without_writers(t) for t in transform.transforms if not _writes_files(t)
+        ]
+        return transform
+    return None if _writes_files(transform) else transform
+
+
+class BundleRunner:
+    """One MONAI bundle, loaded once, that segments DICOM series.
+
+    Not thread safe: use one runner per worker thread or process.
+    """
+
+    def __init__(
+        self,
+        bundle_dir: Path,
+        device: str = "auto",
+        *,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Parse the bundle's inference configuration and load its network and weights.
+
+        ``device`` is ``"auto"`` (CUDA when available, else CPU), or a torch device string.
+        ``overrides`` sets configuration entries by id before anything is built, as
+        ``monai.bundle run`` does with its keyword arguments (for example
+        ``{"displayable_configs#highres": False}``); ``bundle_root`` and ``device`` are always set
+        by the runner.
+        Raises :class:`BundleError` with the reason when the bundle folder, its configuration, its
+        weights, or its ``preprocessing`` / ``inferer`` / ``network_def`` are missing or cannot be
+        built, or when the weights do not fit the network.
+        """
+        self.bundle_dir = Path(bundle_dir).resolve()
+        self.device = resolve_device(device)
+        if not self.bundle_dir.is_dir():
+            raise BundleError(f"bundle folder {self.bundle_dir} does not exist")
+        self.config_path = self._find_config()
+
+        parser = ConfigParser()
+        try:
+            parser.read_config(str(self.config_path))
+        except Exception as exc:
+            raise BundleError(f"{self.config_path} cannot be read: {exc}") from exc
+        for key, value in (overrides or {}).items():
+            parser[key] = value
+        parser["bundle_root"] = str(self.bundle_dir)
+        parser["device"] = f"$torch.device({str(self.device)!r})"
+        self._parser = parser
+
+        for key in ("preprocessing", "inferer"):
+            if key not in parser:
+                raise BundleError(f"{self.config_path} has no {key!r}")
+        self.image_key: str = str(self._parsed("image_key")) if "image_key" in parser else "image"
+        self.network = self._load_network()
+        self.preprocessing: Any = self._parsed("preprocessing")
+        self.inferer: Any = self._parsed("inferer")
+        self.postprocessing: Any = (
+            _without_writers(self._parsed("postprocessing")) if "postprocessing" in parser else None
+        )
+        log.info("loaded bundle %s on %s", self.bundle_dir.name, self.device)
+
+    def _find_config(self) -> Path:
+        for name in CONFIG_NAMES:
+            path = self.bundle_dir / "configs" / name
+            if path.is_file():
+                return path
+        raise BundleError(
+            f"bundle {self.bundle_dir} has no configs/{' or configs/'.join(CONFIG_NAMES)}"
+        )
+
+    def _parsed(self, key: str) -> Any:
+        try:
+            return self._parser.get_parsed_content(key, instantiate=True)
+        except Exception as exc:
+            raise BundleError(f"{self.config_path}: {key!r} cannot be built: {exc}") from exc
+
+    def _load_network(self) -> torch.nn.Module:
+        weights = self.bundle_dir / "models" / "model.pt"
+        torchscript = self.bundle_dir / "models" / "model.ts"
+        network: torch.nn.Module
+        if weights.is_file():
+            key = next((k for k in ("network", "network_def") if k in self._parser), None)
+            if key is None:
+                raise BundleError(f"{self.config_path} has neither 'network' nor 'network_def'")
+            built = self._parsed(key)
+            if not isinstance(built, torch.nn.Module):
+                raise BundleError(f"{self.config_path}: {key!r} is not a torch module")
+            network = built
+            try:
+                state: Any = torch.load(weights, map_location=self.device, weights_only=True)
+            except Exception as exc:
+                raise BundleError(f"{weights} cannot be loaded as weights: {exc}") from exc
+            if isinstance(state, dict) and isinstance(state.get("model"), dict):
+                state = state["model"]
+            if not isinstance(state, dict):
+                raise BundleError(f"{weights} holds no state dict")
+            if state and all(str(k).startswith("module.") for k in state):
+                state = {str(k)[len("module.") :]: v for k, v in state.items()}
+            try:
+                network.load_state_dict(state)
+            except RuntimeError as exc:
+                raise BundleError(f"{weights} does not fit the bundle's network: {exc}") from exc
+        elif torchscript.is_file():
+            try:
+                network = torch.jit.load(  # type: ignore[no-untyped-call]
+                    str(torchscript), map_location=self.device
+                )
+            except Exception as exc:
+                raise BundleError(f"{torchscript} cannot be loaded: {exc}") from exc
+        else:
+            raise BundleError(f"bundle {self.bundle_dir} has no models/model.pt or models/model.ts")
+        return network.to(self.device).eval()
+
+    def predict(self, series_dir: Path) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        """Label volume of one series and its voxel-to-patient (LPS, mm) affine.
+
+        Runs preprocessing, inferer and (writer-free) postprocessing. A multi-channel output is
+        reduced with argmax over channels. Raises :class:`BundleError` when the bundle's output is
+        not a 3D MetaTensor with an affine.
+        """
+        started = time.monotonic()
+        with torch.no_grad():
+            data = dict(self.preprocessing({self.image_key: str(series_dir)}))
+            image = data[self.image_key]
+            if not isinstance(image, MetaTensor):
+                raise BundleError("preprocessing did not produce a MetaTensor image")
+            batch = image.as_tensor().unsqueeze(0).to(self.device)
+            autocast = (
+                torch.autocast(device_type="cuda")
+                if self.device.type == "cuda"
+                else contextlib.nullcontext()
+            )
+            with autocast:
+                output = self.inferer(batch, self.network)
+            if not isinstance(output, torch.Tensor):
+                raise BundleError(f"inferer returned {type(output).__name__}, not a tensor")
+            # The prediction starts on the grid of the preprocessed image; Invertd (if the
+            # bundle has one) takes it back to the grid of the loaded series.
+            meta = deepcopy(dict(image.meta))
+            meta["affine"] = image.affine.clone()
+            pred = MetaTensor(torch.as_tensor(output)[0].detach().float().cpu(), meta=meta)
+            data[PRED_KEY] = pred
+            if self.postprocessing is not None:
+                data = dict(self.postprocessing(data))
+        result = data[PRED_KEY]
+        if not isinstance(result, MetaTensor):
+            raise BundleError("postprocessing did not return the prediction as a MetaTensor")
+        array = result.detach().cpu()
+        if array.ndim == 4:
+            array = array[0] if array.shape[0] == 1 else torch.argmax(array, dim=0)
+        if array.ndim != 3:
+            raise BundleError(f"prediction has shape {tuple(result.shape)}: not a 3D label volume")
+        affine = np.asarray(result.affine.detach().cpu().numpy(), dtype=np.float64)
+        space = str(result.meta.get("space", "RAS")).upper()
+        if space == "RAS":
+            affine = _LPS_FROM_RAS @ affine
+        elif space != "LPS":
+            raise BundleError(f"prediction is in an unknown space {space!r}")
+        labels = np.rint(array.numpy()).astype(np.int64)
+        log.debug("bundle %s predicted in %.2f s", self.bundle_dir.name, time.monotonic() - started)
+        return labels, affine
+
+    def segment(
+        self, series_dir: Path, source_datasets: Sequence[Dataset]
+    ) -> npt.NDArray[np.uint8]:
+        """Labels on the source frames: ``result[i]`` is the mask on ``source_datasets[i]``.
+
+        ``series_dir`` holds the files of exactly one DICOM series; ``source_datasets`` are its
+        single-frame instances (pixel data not needed) in any order. Returns a uint8 array of label
+        values with shape ``(len(source_datasets), Rows, Columns)``. Raises
+        :class:`BundleError` when the bundle's output cannot be used, and
+        :class:`SeriesGeometryError` when the datasets lack geometry or differ in size.
+        """
+        if not source_datasets:
+            raise SeriesGeometryError("no source datasets given")
+        labels, affine = self.predict(series_dir)
+        return labels_on_frames(labels, affine, source_datasets)
+
+
+def _floats(ds: Dataset, keyword: str, count: int) -> npt.NDArray[np.float64]:
+    value = ds.get(keyword)
+    if value is None or len(value) != count:
+        raise SeriesGeometryError(
+            f"instance {ds.get('SOPInstanceUID', '?')} has no valid {keyword}"
+        )
+    return np.array([float(v) for v in value], dtype=np.float64)
+
+
+def labels_on_frames(
+    labels: npt.NDArray[np.integer[Any]],
+    affine_lps: npt.NDArray[np.float64],
+    datasets: Sequence[Dataset],
+) -> npt.NDArray[np.uint8]:
+    """Sample a label volume (nearest neighbour) at every pixel centre of each source frame.
+
+    ``affine_lps`` maps voxel indices of ``labels`` to DICOM patient coordinates (LPS, mm). Pixel
+    ``(r, c)`` of a frame lies at ``ImagePositionPatient + c * PixelSpacing[1] * row direction +
+    r * PixelSpacing[0] * column direction`` (PS3.3 C.7.6.2.1.1). Pixels outside the volume get 0.
+    Returns uint8 with shape ``(len(datasets), Rows, Columns)``. Raises
+    :class:`SeriesGeometryError` for missing geometry or frames of different sizes, and
+    ValueError for labels outside 0..255 or a singular affine.
+    """
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be 3D, got shape {labels.shape}")
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) > 255):
+        raise ValueError("label values must be within 0..255")
+    sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets if "Rows" in ds and "Columns" in ds}
+    if len(sizes) != 1 or any("Rows" not in ds or "Columns" not in ds for ds in datasets):
+        raise SeriesGeometryError(f"source frames must all have one size, got {sorted(sizes)}")
+    rows, cols = sizes.pop()
+    try:
+        voxel_from_patient = np.linalg.inv(np.asarray(affine_lps, dtype=np.float64))
+    except np.linalg.LinAlgError as exc:
+        raise ValueError("prediction affine is singular") from exc
+    rotation, translation = voxel_from_patient[:3, :3], voxel_from_patient[:3, 3]
+    volume = labels.astype(np.uint8, copy=False)
+    shape = np.array(volume.shape)
+    r = np.arange(rows, dtype=np.float64)[:, None]
+    c = np.arange(cols, dtype=np.float64)[None, :]
+
+    out = np.zeros((len(datasets), rows, cols), dtype=np.uint8)
+    for i, ds in enumerate(datasets):
+        position = _floats(ds, "ImagePositionPatient", 3)
+        orientation = _floats(ds, "ImageOrientationPatient", 6)
+        spacing = _floats(ds, "PixelSpacing", 2)
+        origin = rotation @ position + translation
+        along_row = rotation @ (orientation[:3] * spacing[1])  # per column index step
+        along_col = rotation @ (orientation[3:] * spacing[0])  # per row index step
+        index = [
+            np.rint(origin[k] + c * along_row[k] + r * along_col[k]).astype(np.int64)
+            for k in range(3)
+        ]
+        inside = np.ones((rows, cols), dtype=bool)
+        for k in range(3):
+            inside &= (index[k] >= 0) & (index[k] < shape[k])
+        out[i][inside] = volume[index[0][inside], index[1][inside], index[2][inside]]
+    return out
