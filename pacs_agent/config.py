@@ -12,6 +12,7 @@ All state (spool, results, embedded database and broker) lives under ``data_dir`
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -164,6 +165,10 @@ class ExportSettings(Section):
 
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @property
+    def level_no(self) -> int:
+        return int(logging.getLevelName(self.level))
 
 
 class Settings(BaseSettings):

@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         level=args.loglevel or settings.logging.level,
         format="%(asctime)s %(levelname)s [worker %(process)d] %(name)s: %(message)s",
     )
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, settings.logging.level_no))
     if settings.database.auto_upgrade:
         upgrade(settings.database_url)
 

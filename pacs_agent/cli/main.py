@@ -50,6 +50,8 @@ def _logging(settings: Settings) -> None:
         level=settings.logging.level,
         format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
     )
+    # highdicom narrates every attribute it copies at INFO.
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, settings.logging.level_no))
 
 
 @app.callback()

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacs_agent.config import Settings
 from pacs_agent.db.models import Finding, Job, Study
 from pacs_agent.db.session import make_engine, make_session_factory
-from pacs_agent.demo.synthetic import make_ct_study, write_study
+from pacs_agent.demo.synthetic import make_ct_study_with_truth, write_study
 from pacs_agent.net.scu import echo, store_files
 
 FINAL = {"succeeded", "exported", "failed", "export_failed", "cancelled"}
@@ -71,7 +71,9 @@ def _wait_for_jobs(sf: sessionmaker[Session], study_uid: str, timeout_s: float) 
 def run_demo(settings: Settings, *, config_file: Path | None, timeout_s: float) -> int:
     seed = int(time.time())
     study_dir = settings.data_dir / "demo" / f"study-{seed}"
-    datasets = make_ct_study(None, seed=seed, patient_id=f"DEMO-{seed}")
+    datasets, truth = make_ct_study_with_truth(None, seed=seed, patient_id=f"DEMO-{seed}")
+    ps = [float(v) for v in datasets[0].PixelSpacing]
+    truth_mm3 = float(truth.sum()) * ps[0] * ps[1] * float(datasets[0].SliceThickness)
     paths = write_study(datasets, study_dir)
     study_uid = str(datasets[0].StudyInstanceUID)
     print(f"synthetic CT study: {len(paths)} slices in {study_dir}")
@@ -82,8 +84,11 @@ def run_demo(settings: Settings, *, config_file: Path | None, timeout_s: float) 
     cmd += ["serve"]
     env = os.environ.copy()
     env.setdefault("PACS_AGENT_DATA_DIR", str(settings.data_dir))
-    print("starting pacs-agent serve ...", flush=True)
-    proc = subprocess.Popen(cmd, env=env)
+    log_path = settings.data_dir / "logs" / "demo-serve.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"starting pacs-agent serve (log: {log_path}) ...", flush=True)
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_for_listener(settings, proc, timeout_s=120)
         host = "127.0.0.1" if settings.listener.host in ("0.0.0.0", "") else settings.listener.host
@@ -108,7 +113,9 @@ def run_demo(settings: Settings, *, config_file: Path | None, timeout_s: float) 
         print("waiting for the study to complete and the model to run ...")
         jobs = _wait_for_jobs(sf, study_uid, timeout_s)
         print(f"results after {time.monotonic() - t0:.1f} s")
-        return _report(sf, settings, jobs)
+        status = _report(sf, settings, jobs)
+        print(f"(the synthetic study's blobs measure {truth_mm3:.0f} mm3 in truth)")
+        return status
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
