@@ -60,6 +60,21 @@ class SegmentResult:
 
 
 @dataclass(frozen=True)
+class ClassificationResult:
+    """What a classification model said about one coded finding."""
+
+    finding: CodedConcept
+    label: str
+    probability: float
+    #: The model card's threshold for this finding; ``flag`` is ``probability >= threshold``.
+    threshold: float
+
+    @property
+    def flag(self) -> bool:
+        return self.probability >= self.threshold
+
+
+@dataclass(frozen=True)
 class ResultUIDs:
     """Deterministic UIDs of the objects one job emits (see ``pacs_agent.domain.uids``)."""
 
@@ -76,4 +91,5 @@ class JobResult:
     algorithm: AlgorithmSpec
     segments: tuple[SegmentResult, ...]
     uids: ResultUIDs
+    classifications: tuple[ClassificationResult, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
