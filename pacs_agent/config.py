@@ -12,6 +12,7 @@ All state (spool, results, embedded database and broker) lives under ``data_dir`
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -55,6 +56,21 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class AllowedCaller(Section):
+    """A calling AE title the listener accepts, optionally only from some addresses."""
+
+    ae_title: AETitle
+    hosts: list[str] = Field(default_factory=list)
+    """IP addresses or networks (``10.1.2.3``, ``10.1.0.0/16``) it may call from; empty: any."""
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        for host in v:
+            ipaddress.ip_network(host, strict=False)  # ValueError names the bad entry
+        return v
+
+
 class ListenerSettings(Section):
     """The DICOM listener (C-ECHO and C-STORE SCP) run by ``pacs-agent serve``."""
 
@@ -71,6 +87,29 @@ class ListenerSettings(Section):
     acse_timeout_s: float = Field(30.0, gt=0)
     dimse_timeout_s: float = Field(60.0, gt=0)
     network_timeout_s: float = Field(120.0, gt=0)
+    allowed_callers: list[AllowedCaller] = Field(default_factory=list)
+    """Calling AE titles accepted; others are rejected (A-ASSOCIATE-RJ, calling AE title not
+    recognised). Empty: any caller, allowed only on a loopback ``host`` or with
+    ``allow_any_caller``."""
+    allow_any_caller: bool = False
+    """Accept any calling AE title on a non-loopback ``host`` with no ``allowed_callers``."""
+    duplicates: Literal["keep-first", "replace", "keep-both"] = "replace"
+    """An instance received again with other bytes: keep the first copy, replace it (and
+    re-open its study), or keep both (the second copy is recorded, not processed)."""
+    tls_certificate: Path | None = None
+    """PEM server certificate (chain): the listener then speaks DICOM TLS only."""
+    tls_private_key: Path | None = None
+    """PEM private key of ``tls_certificate``."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: when set, callers must present a client certificate it signed."""
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ListenerSettings:
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ValueError("tls_certificate and tls_private_key go together")
+        if self.tls_client_ca is not None and self.tls_certificate is None:
+            raise ValueError("tls_client_ca needs tls_certificate and tls_private_key")
+        return self
 
 
 class DatabaseSettings(Section):
@@ -102,6 +141,9 @@ class AssemblerSettings(Section):
     """Forced close: complete this long after the first instance, whatever else happens."""
     poll_interval_s: float = Field(0.25, gt=0)
     """How often the scheduler checks studies and the job table."""
+    late_instance: Literal["reprocess", "ignore"] = "reprocess"
+    """An instance for a study already complete: ``reprocess`` re-opens the study (new jobs
+    supersede the old ones); ``ignore`` stores and indexes it but leaves the study as it is."""
 
 
 class RoutingRule(Section):

@@ -18,10 +18,14 @@ from pacs_agent.catalog import load_catalog
 from pacs_agent.config import Settings
 from pacs_agent.db.migrate import upgrade
 from pacs_agent.db.session import make_engine, make_session_factory
-from pacs_agent.net.scp import Receiver, start_listener
+from pacs_agent.net.scp import (
+    ListenerRefused,
+    exposure_problem,
+    receiver_for,
+    start_listener,
+)
 from pacs_agent.queue import CeleryDispatcher, make_celery
 from pacs_agent.scheduler import Scheduler
-from pacs_agent.storage.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,10 @@ class EmbeddedWorker:
 
 def serve(settings: Settings, *, config_file: Path | None, with_worker: bool) -> int:
     """Run until SIGTERM or SIGINT. Returns the process exit code."""
+    problem = exposure_problem(settings.listener)
+    if problem is not None:
+        log.error("refusing to start: %s", problem)
+        return 2
     if settings.database.auto_upgrade:
         upgrade(settings.database_url)
     settings.spool_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +97,11 @@ def serve(settings: Settings, *, config_file: Path | None, with_worker: bool) ->
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
 
-    server = start_listener(settings.listener, Receiver(Spool(settings.spool_dir), session_factory))
+    try:
+        server = start_listener(settings.listener, receiver_for(settings, session_factory))
+    except (ListenerRefused, OSError) as exc:
+        log.error("refusing to start: %s", exc)
+        return 2
     if worker is not None:
         worker.start()
     thread = threading.Thread(target=scheduler.run, args=(stop,), name="scheduler", daemon=True)

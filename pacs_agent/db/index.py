@@ -10,7 +10,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs_agent.db.models import Instance, Series, Study
+from pacs_agent.db.models import Instance, InstanceCopy, Series, Study
 from pacs_agent.dicom.header import InstanceHeader
 
 
@@ -18,6 +18,37 @@ class IndexOutcome(StrEnum):
     NEW = "new"
     DUPLICATE = "duplicate"  # same SOP Instance UID, same bytes: nothing to do
     REPLACED = "replaced"  # same SOP Instance UID, other bytes: the newer copy wins
+
+
+class DuplicatePolicy(StrEnum):
+    """What to do with an instance received again with other bytes (``listener.duplicates``)."""
+
+    KEEP_FIRST = "keep-first"
+    REPLACE = "replace"
+    KEEP_BOTH = "keep-both"
+
+
+class Arrival(StrEnum):
+    """How the listener treats one received instance, given what the index holds."""
+
+    NEW = "new"  # not indexed yet: store and index
+    SAME = "same"  # indexed with identical bytes: answer success, store nothing
+    KEEP_FIRST = "keep-first"  # other bytes, policy keep-first: answer success, store nothing
+    REPLACE = "replace"  # other bytes, policy replace: overwrite and re-index
+    KEEP_BOTH = "keep-both"  # other bytes, policy keep-both: store a second copy aside
+
+
+def decide_arrival(indexed_sha256: str | None, sha256: str, policy: DuplicatePolicy) -> Arrival:
+    """Pure: the treatment of an instance whose index digest is ``indexed_sha256`` (or None)."""
+    if indexed_sha256 is None:
+        return Arrival.NEW
+    if indexed_sha256 == sha256:
+        return Arrival.SAME
+    return {
+        DuplicatePolicy.KEEP_FIRST: Arrival.KEEP_FIRST,
+        DuplicatePolicy.REPLACE: Arrival.REPLACE,
+        DuplicatePolicy.KEEP_BOTH: Arrival.KEEP_BOTH,
+    }[policy]
 
 
 @dataclass(frozen=True)
@@ -39,15 +70,19 @@ def index_instance(
     header: InstanceHeader,
     stored: StoredFile,
     now: datetime,
+    *,
+    reopen: bool = True,
 ) -> IndexOutcome:
-    """Record one durable instance in one transaction; re-opens a study that was complete.
+    """Record one durable instance in one transaction.
 
-    Retries once on a unique-key race (two associations creating the same study at once).
+    A study that was complete is re-opened when ``reopen`` (``assembler.late_instance =
+    reprocess``); otherwise the instance is indexed and the study left as it is. Retries once
+    on a unique-key race (two associations creating the same study at once).
     """
     for attempt in (1, 2):
         try:
             with session_factory.begin() as session:
-                return _index(session, header, stored, now)
+                return _index(session, header, stored, now, reopen)
         except IntegrityError:
             if attempt == 2:
                 raise
@@ -55,7 +90,7 @@ def index_instance(
 
 
 def _index(
-    session: Session, header: InstanceHeader, stored: StoredFile, now: datetime
+    session: Session, header: InstanceHeader, stored: StoredFile, now: datetime, reopen: bool
 ) -> IndexOutcome:
     study = session.scalar(
         select(Study).where(Study.study_instance_uid == header.study_instance_uid)
@@ -107,8 +142,10 @@ def _index(
     instance.calling_ae_title = stored.calling_ae_title
     instance.received_at = now
 
-    study.last_received_at = now
-    if study.status != "receiving":  # a late instance re-opens the study
+    if study.status == "receiving":
+        study.last_received_at = now
+    elif reopen:  # a late instance re-opens the study
+        study.last_received_at = now
         study.status = "receiving"
         study.first_received_at = now
         study.completion = None
@@ -127,4 +164,32 @@ def mark_released(
             update(Study)
             .where(Study.study_instance_uid.in_(study_uids))
             .values(last_released_at=now)
+        )
+
+
+def index_copy(
+    session_factory: sessionmaker[Session], sop_uid: str, stored: StoredFile, now: datetime
+) -> None:
+    """Record a second copy (other bytes) of an indexed instance, kept by keep-both."""
+    with session_factory.begin() as session:
+        instance_id = session.scalar(
+            select(Instance.id).where(Instance.sop_instance_uid == sop_uid)
+        )
+        if instance_id is None:
+            raise LookupError("the first copy of this instance is not indexed")
+        exists = session.scalar(
+            select(InstanceCopy.id).where(InstanceCopy.path == stored.relative_path)
+        )
+        if exists is not None:
+            return
+        session.add(
+            InstanceCopy(
+                instance_id=instance_id,
+                path=stored.relative_path,
+                size_bytes=stored.size_bytes,
+                sha256=stored.sha256,
+                transfer_syntax_uid=stored.transfer_syntax_uid,
+                calling_ae_title=stored.calling_ae_title,
+                received_at=now,
+            )
         )

@@ -120,6 +120,25 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
+class InstanceCopy(Base):
+    """Another copy of an indexed instance (other bytes), kept by ``duplicates = keep-both``.
+
+    It is recorded, not processed: the instance row keeps pointing at the first copy.
+    """
+
+    __tablename__ = "instance_copies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
+    #: Relative to the spool directory (under ``duplicates/``).
+    path: Mapped[str] = mapped_column(String(512), unique=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(UID)
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class Job(Base):
     """One model run on one series. The outbox: the row commits before a task is sent."""
 

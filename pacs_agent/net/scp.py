@@ -4,14 +4,20 @@ Handlers are thin: they store, index and answer with a DICOM status. Heavy work 
 the association thread. Invariant 1: success is answered only after the instance's bytes are
 durable and its index row is committed; storage or database failure answers 0xA700,
 undecodable data 0xC210, a dataset that does not fit the request 0xA900.
+
+Association control happens before negotiation (``EVT_REQUESTED``): a calling AE title that
+is not on the allow-list, or calls from an address it is not pinned to, is rejected with
+A-ASSOCIATE-RJ (rejected-permanent, service user, calling AE title not recognised).
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
+import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from io import BytesIO
@@ -22,10 +28,19 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
-from pacs_agent.config import ListenerSettings
-from pacs_agent.db.index import IndexOutcome, StoredFile, index_instance, mark_released
+from pacs_agent.config import AllowedCaller, ListenerSettings, Settings
+from pacs_agent.db.index import (
+    Arrival,
+    DuplicatePolicy,
+    StoredFile,
+    decide_arrival,
+    find_instance_digest,
+    index_copy,
+    index_instance,
+    mark_released,
+)
 from pacs_agent.db.models import utcnow
-from pacs_agent.dicom.header import instance_header
+from pacs_agent.dicom.header import InstanceHeader, instance_header
 from pacs_agent.dicom.structure import check_complete, file_meta_end
 from pacs_agent.storage.spool import InvalidUID, Spool
 
@@ -36,6 +51,56 @@ OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC210
 
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): result, source, reason.
+REJECTED_PERMANENT = 0x01
+SOURCE_SERVICE_USER = 0x01
+CALLING_AE_NOT_RECOGNISED = 0x03
+
+
+class ListenerRefused(RuntimeError):
+    """The listener will not start with these settings; the message says why."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for a loopback address (or ``localhost``); a name or ``0.0.0.0`` is not."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_problem(settings: ListenerSettings) -> str | None:
+    """Why binding these settings would let any caller in from the network, or None."""
+    if is_loopback(settings.host) or settings.allowed_callers or settings.allow_any_caller:
+        return None
+    return (
+        f"listener.host is {settings.host!r}, not loopback, and listener.allowed_callers is "
+        "empty: set allowed_callers, or listener.allow_any_caller = true to accept any caller"
+    )
+
+
+def caller_allowed(calling_ae: str, address: str, allowed: Sequence[AllowedCaller]) -> bool:
+    """Pure: may ``calling_ae`` associate from ``address``? An empty list allows anyone."""
+    if not allowed:
+        return True
+    title = calling_ae.strip()
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        ip = None
+    for caller in allowed:
+        if caller.ae_title != title:
+            continue
+        if not caller.hosts:
+            return True
+        if ip is not None and any(
+            ip in ipaddress.ip_network(h, strict=False) for h in caller.hosts
+        ):
+            return True
+    return False
+
 
 def _status(code: int, comment: str) -> Dataset:
     """A status dataset with an Error Comment (LO: at most 64 characters)."""
@@ -45,13 +110,26 @@ def _status(code: int, comment: str) -> Dataset:
     return ds
 
 
+def receiver_for(settings: Settings, session_factory: sessionmaker[Session]) -> Receiver:
+    """The Receiver ``serve`` runs: spool, index and the policies of ``settings``."""
+    return Receiver(
+        Spool(settings.spool_dir),
+        session_factory,
+        duplicates=DuplicatePolicy(settings.listener.duplicates),
+        reopen_complete=settings.assembler.late_instance == "reprocess",
+    )
+
+
 @dataclass
 class Receiver:
-    """The listener's collaborators, handed to each handler (no globals)."""
+    """The listener's collaborators and policies, handed to each handler (no globals)."""
 
     spool: Spool
     session_factory: sessionmaker[Session]
     clock: Callable[[], datetime] = utcnow
+    duplicates: DuplicatePolicy = DuplicatePolicy.REPLACE
+    #: ``assembler.late_instance == "reprocess"``: an instance for a complete study re-opens it.
+    reopen_complete: bool = True
     _studies_by_assoc: dict[int, set[str]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -64,8 +142,38 @@ class Receiver:
             return self._studies_by_assoc.pop(id(assoc), set())
 
 
-def handle_store(event: Any, receiver: Receiver) -> int | Dataset:
-    """C-STORE: write the encoded bytes durably, index them, then answer success."""
+def handle_requested(event: Any, settings: ListenerSettings) -> None:
+    """A-ASSOCIATE-RQ received: reject a caller that is not on the allow-list."""
+    assoc = event.assoc
+    calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+    address = str(assoc.requestor.address)
+    if caller_allowed(calling, address, settings.allowed_callers):
+        return
+    log.warning(
+        "association rejected: calling AE %r from %s is not allowed (calling AE title not "
+        "recognised)",
+        calling,
+        address,
+    )
+    assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, CALLING_AE_NOT_RECOGNISED)
+    assoc.kill()  # as pynetdicom does after its own rejections: waits until the RJ is out
+
+
+def handle_rejected(event: Any) -> None:
+    """pynetdicom rejected an association (called AE title, association limit): log it."""
+    rj = event.assoc.acceptor.primitive
+    log.warning(
+        "association rejected: calling AE %r from %s (result %s, source %s, reason %s)",
+        str(event.assoc.requestor.ae_title).strip(),
+        event.assoc.requestor.address,
+        getattr(rj, "result", None),
+        getattr(rj, "result_source", None),
+        getattr(rj, "diagnostic", None),
+    )
+
+
+def _decode(event: Any) -> tuple[bytes, InstanceHeader] | Dataset:
+    """The received bytes (Part 10) and their header, or the refusal status."""
     request = event.request
     try:
         data = event.encoded_dataset(include_meta=True)
@@ -80,7 +188,6 @@ def handle_store(event: Any, receiver: Receiver) -> int | Dataset:
     except Exception as exc:
         log.warning("C-STORE refused 0xC210: cannot decode (%s: %s)", type(exc).__name__, exc)
         return _status(CANNOT_UNDERSTAND, f"cannot decode dataset: {type(exc).__name__}")
-
     if header.sop_instance_uid != request.AffectedSOPInstanceUID:
         return _status(
             DATASET_DOES_NOT_MATCH_SOP_CLASS,
@@ -90,11 +197,36 @@ def handle_store(event: Any, receiver: Receiver) -> int | Dataset:
         return _status(
             DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from Affected SOP Class UID"
         )
+    return data, header
 
+
+def handle_store(event: Any, receiver: Receiver) -> int | Dataset:
+    """C-STORE: write the encoded bytes durably, index them, then answer success."""
+    decoded = _decode(event)
+    if isinstance(decoded, Dataset):
+        return decoded
+    data, header = decoded
     digest = hashlib.sha256(data).hexdigest()
-    relative = receiver.spool.relative_path(
-        header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
-    )
+    try:
+        indexed = find_instance_digest(receiver.session_factory, header.sop_instance_uid)
+    except Exception as exc:
+        log.error("C-STORE 0xA700: index unavailable: %s", type(exc).__name__)
+        return _status(OUT_OF_RESOURCES, f"index failed: {type(exc).__name__}")
+    arrival = decide_arrival(indexed, digest, receiver.duplicates)
+    if arrival in (Arrival.SAME, Arrival.KEEP_FIRST):
+        if arrival is Arrival.KEEP_FIRST:
+            log.warning(
+                "C-STORE: SOP %s received again with other bytes; kept the first copy",
+                header.sop_instance_uid,
+            )
+        receiver.touched(event.assoc, header.study_instance_uid)
+        return SUCCESS
+
+    uids = (header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
+    if arrival is Arrival.KEEP_BOTH:
+        relative = receiver.spool.copy_path(*uids, digest)
+    else:
+        relative = receiver.spool.relative_path(*uids)
     try:
         receiver.spool.store(relative, data)
     except OSError as exc:
@@ -113,7 +245,16 @@ def handle_store(event: Any, receiver: Receiver) -> int | Dataset:
         calling_ae_title=str(event.assoc.requestor.ae_title).strip() or None,
     )
     try:
-        outcome = index_instance(receiver.session_factory, header, stored, receiver.clock())
+        if arrival is Arrival.KEEP_BOTH:
+            index_copy(receiver.session_factory, header.sop_instance_uid, stored, receiver.clock())
+        else:
+            index_instance(
+                receiver.session_factory,
+                header,
+                stored,
+                receiver.clock(),
+                reopen=receiver.reopen_complete,
+            )
     except Exception as exc:
         log.error(
             "C-STORE 0xA700: index failed for SOP %s: %s: %s",
@@ -123,10 +264,10 @@ def handle_store(event: Any, receiver: Receiver) -> int | Dataset:
         )
         return _status(OUT_OF_RESOURCES, f"index failed: {type(exc).__name__}")
     receiver.touched(event.assoc, header.study_instance_uid)
-    if outcome is not IndexOutcome.NEW:
+    if arrival is not Arrival.NEW:
         log.info(
             "C-STORE %s: study %s SOP %s",
-            outcome.value,
+            arrival.value,
             header.study_instance_uid,
             header.sop_instance_uid,
         )
@@ -162,15 +303,54 @@ def build_ae(settings: ListenerSettings) -> AE:
     return ae
 
 
+def tls_context(settings: ListenerSettings) -> ssl.SSLContext | None:
+    """The server TLS context, or None when ``tls_certificate`` is unset.
+
+    TLS 1.2 at least; with ``tls_client_ca`` a client certificate signed by it is required.
+    Raises ListenerRefused when a file cannot be loaded.
+    """
+    if settings.tls_certificate is None or settings.tls_private_key is None:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(settings.tls_certificate, settings.tls_private_key)
+        if settings.tls_client_ca is not None:
+            ctx.load_verify_locations(cafile=settings.tls_client_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise ListenerRefused(f"cannot load the listener's TLS files: {exc}") from exc
+    return ctx
+
+
 def start_listener(settings: ListenerSettings, receiver: Receiver) -> Any:
-    """Start the SCP in background threads; returns the server (call ``shutdown()``)."""
+    """Start the SCP in background threads; returns the server (call ``shutdown()``).
+
+    Raises ListenerRefused when the settings would expose it to any caller on the network.
+    """
+    problem = exposure_problem(settings)
+    if problem is not None:
+        raise ListenerRefused(problem)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # no identifier datasets in logs
     ae = build_ae(settings)
     handlers: list[Any] = [
+        (evt.EVT_REQUESTED, handle_requested, [settings]),
+        (evt.EVT_REJECTED, handle_rejected),
         (evt.EVT_C_STORE, handle_store, [receiver]),
         (evt.EVT_RELEASED, handle_released, [receiver]),
         (evt.EVT_ABORTED, handle_aborted, [receiver]),
     ]
-    server = ae.start_server((settings.host, settings.port), block=False, evt_handlers=handlers)
-    log.info("listening as %s on %s:%d", settings.ae_title, settings.host, settings.port)
+    server = ae.start_server(
+        (settings.host, settings.port),
+        block=False,
+        evt_handlers=handlers,
+        ssl_context=tls_context(settings),
+    )
+    log.info(
+        "listening as %s on %s:%d%s",
+        settings.ae_title,
+        settings.host,
+        settings.port,
+        " (TLS)" if settings.tls_certificate else "",
+    )
     return server

@@ -72,6 +72,14 @@ class Spool:
         )
         return Path(parts[0]) / parts[1] / f"{parts[2]}.dcm"
 
+    def copy_path(self, study_uid: str, series_uid: str, sop_uid: str, sha256: str) -> Path:
+        """Where keep-both puts a second copy: outside the series directories that are
+        processed (``duplicates/<study>/<series>/<sop>.<digest>.dcm``)."""
+        if not re.fullmatch(r"[0-9a-f]{16,64}", sha256):
+            raise ValueError("sha256 must be a lowercase hex digest")
+        first = self.relative_path(study_uid, series_uid, sop_uid)
+        return Path("duplicates") / first.parent / f"{first.stem}.{sha256[:16]}.dcm"
+
     def path(self, relative: Path | str) -> Path:
         return self.root / relative
 
