@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The Debian packages the tests use as real peers: dcmtk (storescu, dsrdump), dicom3tools
-# (dciodvfy) and Orthanc (the PACS in end-to-end tests). Installs what is missing when run
+# (dciodvfy) and Orthanc (the PACS in end-to-end tests) with its DICOMweb plugin (STOW-RS tests). Installs what is missing when run
 # as root; otherwise says what to install.
 set -euo pipefail
 missing=()
@@ -8,6 +8,7 @@ command -v storescu >/dev/null || missing+=(dcmtk)
 command -v dsrdump >/dev/null || missing+=(dcmtk)
 command -v dciodvfy >/dev/null || missing+=(dicom3tools)
 command -v Orthanc >/dev/null || missing+=(orthanc)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
 [ ${#missing[@]} -eq 0 ] && exit 0
 mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
 if [ "$(id -u)" -ne 0 ]; then

@@ -23,8 +23,10 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
+    Tag,
     field_validator,
     model_validator,
 )
@@ -188,16 +190,17 @@ class WorkerSettings(Section):
 
 
 class DicomDestination(Section):
-    """A DICOM peer that receives our SEG and SR by C-STORE."""
+    """A DICOM peer that receives our SEG and SR by C-STORE (optionally over TLS)."""
 
-    name: str
+    kind: Literal["dicom"] = "dicom"
+    name: str = Field(min_length=1, max_length=64)
     ae_title: AETitle
     host: str
     port: int = Field(ge=1, le=65535)
 
 
 class ExportSettings(Section):
-    destinations: list[DicomDestination] = Field(default_factory=list)
+    destinations: list[Destination] = Field(default_factory=list)
     """Where results are sent. Empty: results stay under ``<data_dir>/results``."""
     calling_ae_title: AETitle = "PACSAGENT"
     timeout_s: float = Field(30.0, gt=0)
@@ -248,6 +251,68 @@ class Settings(BaseSettings):
 
     @classmethod
     def settings_customise_sources(
+    tls: bool = False
+    """Speak DICOM TLS to the peer (its certificate is verified against ``tls_ca``)."""
+    tls_ca: Path | None = None
+    """PEM CA bundle that signed the peer's certificate. Default: the system's CAs."""
+    tls_certificate: Path | None = None
+    """PEM client certificate, for peers that ask for one (with ``tls_private_key``)."""
+    tls_private_key: Path | None = None
+    tls_check_hostname: bool = True
+    """The peer's certificate must name ``host``."""
+    max_attempts: int | None = Field(None, ge=1)
+    """Attempts before ``export_failed``. Default: ``export.max_attempts``."""
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> DicomDestination:
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ValueError("tls_certificate and tls_private_key go together")
+        return self
+
+
+class DicomWebDestination(Section):
+    """A DICOMweb origin server that receives our SEG and SR by STOW-RS."""
+
+    kind: Literal["dicomweb"]
+    name: str = Field(min_length=1, max_length=64)
+    url: str
+    """Base URL of the DICOMweb service (the STOW-RS path ``/studies`` is appended)."""
+    username: str | None = None
+    """HTTP basic authentication (with ``password``)."""
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+    """Bearer token (instead of ``username``/``password``)."""
+    ca_file: Path | None = None
+    """PEM CA bundle for an https URL. Default: the system's CAs."""
+    max_attempts: int | None = Field(None, ge=1)
+    """Attempts before ``export_failed``. Default: ``export.max_attempts``."""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/]+", v):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _auth(self) -> DicomWebDestination:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        if self.token is not None and self.username is not None:
+            raise ValueError("give either a token or a username and password, not both")
+        return self
+
+
+def _destination_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("kind", "dicom"))
+    return str(getattr(value, "kind", "dicom"))
+
+
+Destination = Annotated[
+    Annotated[DicomDestination, Tag("dicom")] | Annotated[DicomWebDestination, Tag("dicomweb")],
+    Discriminator(_destination_kind),
+]
         cls,
         settings_cls: type[BaseSettings],
         init_settings: PydanticBaseSettingsSource,
@@ -257,6 +322,22 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         toml_file = settings_cls.model_config.get("toml_file")
+    max_attempts: int = Field(5, ge=1)
+    """Attempts per destination before the job ends ``export_failed`` (retry by command)."""
+    backoff_initial_s: float = Field(2.0, ge=0)
+    """Wait before the second attempt; each further wait is ``backoff_factor`` times longer."""
+    backoff_factor: float = Field(2.0, ge=1)
+    backoff_max_s: float = Field(60.0, ge=0)
+    """Longest wait between two attempts."""
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_names(cls, v: list[Any]) -> list[Any]:
+        names = [d.name for d in v]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"destination names must be unique: {duplicated}")
+        return v
         if toml_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)

@@ -1,8 +1,13 @@
-"""C-STORE SCU: send result objects to a DICOM peer, with TCP_NODELAY set (FACTS: Nagle)."""
+"""C-STORE SCU: send result objects to a DICOM peer, with TCP_NODELAY set (FACTS: Nagle).
+
+Optionally over DICOM TLS (PS3.15 B.1): the caller passes an ``ssl.SSLContext``, made by
+:func:`client_tls_context`.
+"""
 
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +37,25 @@ class StoreOutcome:
         )
 
 
+def client_tls_context(
+    *,
+    ca_file: Path | None = None,
+    certificate: Path | None = None,
+    private_key: Path | None = None,
+    check_hostname: bool = True,
+) -> ssl.SSLContext:
+    """A TLS client context: the peer's certificate is verified against ``ca_file`` (the
+    system's CAs when None); ``certificate``/``private_key`` give a client certificate."""
+    context = ssl.create_default_context(
+        ssl.Purpose.SERVER_AUTH, cafile=str(ca_file) if ca_file else None
+    )
+    context.check_hostname = check_hostname
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if certificate is not None:
+        context.load_cert_chain(str(certificate), str(private_key) if private_key else None)
+    return context
+
+
 def set_nodelay(assoc: Any) -> None:
     """pynetdicom never sets TCP_NODELAY; without it each C-STORE waits ~40 ms (Nagle)."""
     sock = assoc.dul.socket.socket
@@ -55,10 +79,13 @@ def store_files(
     calling_ae: str,
     paths: Sequence[Path],
     timeout_s: float = 30.0,
+    tls: ssl.SSLContext | None = None,
 ) -> list[StoreOutcome]:
     """Send ``paths`` over one association; one outcome per file, in order.
 
-    Raises AssociationFailed when no association can be made.
+    With ``tls`` the association runs over TLS (the server name checked is ``host``).
+    Raises AssociationFailed when no association can be made (refused, rejected, TLS
+    handshake failed).
     """
     datasets: list[tuple[Path, Dataset]] = [(p, dcmread(p)) for p in paths]
     ae = _ae(calling_ae, timeout_s)
@@ -72,9 +99,13 @@ def store_files(
             t for t in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if t != key[1]
         ]
         ae.add_requested_context(key[0], syntaxes)
-    assoc = ae.associate(host, port, ae_title=called_ae)
+    tls_args = (tls, host) if tls is not None else None
+    assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
     if not assoc.is_established:
-        raise AssociationFailed(f"no association with {called_ae}@{host}:{port}")
+        why = "association rejected" if assoc.is_rejected else "connection failed or aborted"
+        raise AssociationFailed(
+            f"no association with {called_ae}@{host}:{port}{' (TLS)' if tls else ''}: {why}"
+        )
     outcomes: list[StoreOutcome] = []
     try:
         set_nodelay(assoc)

@@ -57,11 +57,19 @@ class Orthanc:
     http_port: int
     aet: str = "ORTHANC"
     modalities: dict[str, list[Any]] = field(default_factory=dict)
+    #: Load the DICOMweb plugin (Debian package orthanc-dicomweb) at ``dicomweb_url``.
+    dicomweb: bool = False
+    #: Extra keys of Orthanc's configuration (DICOM TLS, ...).
+    extra_config: dict[str, Any] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
 
     def start(self) -> None:
         exe = shutil.which("Orthanc")
@@ -82,7 +90,14 @@ class Orthanc:
             "DicomScpTimeout": 30,
             "StableAge": 1,
             "HttpTimeout": 60,
+            **self.extra_config,
         }
+        if self.dicomweb:
+            plugin = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+            if not plugin.exists():
+                raise RuntimeError("Orthanc's DICOMweb plugin is missing (orthanc-dicomweb)")
+            config["Plugins"] = [str(plugin)]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
         cfg = self.workdir / "orthanc.json"
         cfg.write_text(json.dumps(config, indent=2))
         env = {**os.environ, "TCP_NODELAY": "1"}
