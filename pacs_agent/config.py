@@ -152,15 +152,52 @@ class RoutingRule(Section):
     """Which models run on which series. All given conditions must hold."""
 
     name: str
+    models: list[str]
+    """Model names (from the model cards) to run on a matching series."""
+    priority: int = 0
+    """Higher runs first (urgent before routine)."""
     modality: list[str] = Field(default_factory=list)
     """Series Modality in this list (empty: any)."""
-    models: list[str]
-    priority: int = 0
-    min_instances: int = 1
+    body_part_examined: list[str] = Field(default_factory=list)
+    """BodyPartExamined in this list (case ignored; empty: any)."""
+    study_description: str | None = None
+    """Regex searched in StudyDescription (case ignored)."""
+    series_description: str | None = None
+    """Regex searched in SeriesDescription (case ignored)."""
+    sop_class_uid: list[str] = Field(default_factory=list)
+    """Some instance of the series has one of these SOP Class UIDs."""
+    image_type_includes: list[str] = Field(default_factory=list)
+    """ImageType must contain every one of these values (e.g. ``AXIAL``)."""
+    image_type_excludes: list[str] = Field(default_factory=list)
+    """ImageType must contain none of these values (e.g. ``LOCALIZER``)."""
+    slice_thickness_min: float | None = None
+    slice_thickness_max: float | None = None
+    """SliceThickness range in mm (inclusive)."""
+    min_instances: int = Field(1, ge=0)
+    max_instances: int | None = None
+    calling_ae_title: list[str] = Field(default_factory=list)
+    """The series was sent by one of these calling AE titles."""
+
+    @field_validator("study_description", "series_description")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {v!r}: {exc}") from exc
+        return v
 
 
 def _default_rules() -> list[RoutingRule]:
     return [RoutingRule(name="ct-demo", modality=["CT"], models=["demo_ct_blob_seg"])]
+
+
+class ModelTimeLimits(Section):
+    soft_s: float = Field(gt=0)
+    """The job fails with ``SoftTimeLimitExceeded`` after this long."""
+    hard_s: float = Field(gt=0)
+    """The worker process running the job is killed after this long."""
 
 
 class ModelsSettings(Section):
@@ -168,6 +205,8 @@ class ModelsSettings(Section):
     """Directory of MONAI bundles, one per subdirectory. Default: the demo bundles shipped
     in ``workers/bundles``."""
     rules: list[RoutingRule] = Field(default_factory=_default_rules)
+    time_limits: dict[str, ModelTimeLimits] = Field(default_factory=dict)
+    """Per-model time limits by model name; others get the ``[worker]`` defaults."""
 
 
 class WorkerSettings(Section):
@@ -176,8 +215,19 @@ class WorkerSettings(Section):
     concurrency: int = Field(1, ge=1)
     embedded: bool = True
     """``serve`` starts a worker subprocess for both queues (``--no-worker`` overrides)."""
-    lease_s: float = Field(900.0, gt=0)
-    """A running job whose lease expires (a dead worker) is sent again by the sweeper."""
+    lease_s: float = Field(60.0, gt=0)
+    """A running job's lease; the worker renews it every third of it while the job runs.
+    A job whose lease expires (its worker died) is sent again by the sweeper."""
+    max_attempts: int = Field(3, ge=1)
+    """A job is tried at most this often (transient errors, lost workers); then it fails."""
+    retry_backoff_s: float = Field(10.0, ge=0)
+    """Delay before the first retry after a transient error; doubles with each attempt."""
+    retry_backoff_max_s: float = Field(300.0, ge=0)
+    """Longest delay between retries."""
+    soft_time_limit_s: float = Field(1800.0, gt=0)
+    """Default soft time limit of a model run (``[models.time_limits]`` overrides)."""
+    time_limit_s: float = Field(1860.0, gt=0)
+    """Default hard time limit: the worker process is killed and the job tried again."""
     requeue_after_s: float = Field(300.0, gt=0)
     """A queued job not picked up for this long (a lost broker message) is sent again."""
 
@@ -197,60 +247,6 @@ class DicomDestination(Section):
     ae_title: AETitle
     host: str
     port: int = Field(ge=1, le=65535)
-
-
-class ExportSettings(Section):
-    destinations: list[Destination] = Field(default_factory=list)
-    """Where results are sent. Empty: results stay under ``<data_dir>/results``."""
-    calling_ae_title: AETitle = "PACSAGENT"
-    timeout_s: float = Field(30.0, gt=0)
-    include_empty_seg: bool = False
-    """Send a SEG even when nothing was found (the SR always says what was not found)."""
-
-
-class LoggingSettings(Section):
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-
-    @property
-    def level_no(self) -> int:
-        return int(logging.getLevelName(self.level))
-
-
-class Settings(BaseSettings):
-    """The effective settings of one pacs-agent process."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="PACS_AGENT_",
-        env_nested_delimiter="__",
-        extra="forbid",
-        validate_default=True,
-    )
-
-    data_dir: Path = Path("./var")
-    """All state lives here: spool, results, embedded database and broker."""
-    uid_root: str = DEFAULT_UID_ROOT
-    """Root of the UIDs we create (your organisation's root, or 2.25 for UUID-derived UIDs)."""
-    listener: ListenerSettings = Field(default_factory=ListenerSettings)
-    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
-    broker: BrokerSettings = Field(default_factory=BrokerSettings)
-    assembler: AssemblerSettings = Field(default_factory=AssemblerSettings)
-    models: ModelsSettings = Field(default_factory=ModelsSettings)
-    worker: WorkerSettings = Field(default_factory=WorkerSettings)
-    export: ExportSettings = Field(default_factory=ExportSettings)
-    logging: LoggingSettings = Field(default_factory=LoggingSettings)
-
-    @field_validator("uid_root")
-    @classmethod
-    def _uid_root(cls, v: str) -> str:
-        return validate_uid_root(v)
-
-    @model_validator(mode="after")
-    def _absolute_data_dir(self) -> Settings:
-        self.data_dir = self.data_dir.expanduser().resolve()
-        return self
-
-    @classmethod
-    def settings_customise_sources(
     tls: bool = False
     """Speak DICOM TLS to the peer (its certificate is verified against ``tls_ca``)."""
     tls_ca: Path | None = None

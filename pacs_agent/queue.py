@@ -7,6 +7,7 @@ broker only delivers (DESIGN invariant 2).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from celery import Celery
@@ -54,7 +55,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         conf["worker_enable_remote_control"] = False
     else:
         conf["broker_url"] = url
-        conf["broker_transport_options"] = {"visibility_timeout": 3600}
+        options: dict[str, Any] = {"visibility_timeout": 3600}
+        if url.startswith("redis"):
+            options |= {"queue_order_strategy": "priority", "priority_steps": list(range(10))}
+        else:
+            conf["task_queue_max_priority"] = 9
+            conf["task_default_priority"] = 0
+        conf["broker_transport_options"] = options
     return conf
 
 
@@ -64,20 +71,55 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-class Dispatcher(Protocol):
-    """How the scheduler hands work to workers (Celery in production, anything in tests)."""
+@dataclass(frozen=True)
+class TaskLimits:
+    """Soft and hard time limits of one model run, in seconds."""
 
-    def send_inference(self, job_id: int, priority: int) -> None: ...
+    soft_s: float
+    hard_s: float
+
+
+class Dispatcher(Protocol):
+    """How the scheduler and workers hand work to workers (Celery, sending by task name)."""
+
+    def send_inference(
+        self, job_id: int, priority: int, limits: TaskLimits, countdown_s: float = 0.0
+    ) -> None: ...
 
     def send_export(self, job_id: int) -> None: ...
+
+
+def message_priority(priority: int, broker_url: str | None) -> int | None:
+    """The broker's message priority for a rule priority (higher = more urgent).
+
+    RabbitMQ ranks 0..9 with 9 first; Redis ranks 0..9 with 0 first; the embedded broker has
+    none (the scheduler's database backlog, highest priority first, does the ordering).
+    """
+    level = max(0, min(9, priority))
+    if broker_url is None or broker_url.startswith("filesystem"):
+        return None
+    if broker_url.startswith("redis"):
+        return 9 - level
+    return level
 
 
 class CeleryDispatcher:
     def __init__(self, app: Celery) -> None:
         self.app = app
 
-    def send_inference(self, job_id: int, priority: int) -> None:
-        self.app.send_task(RUN_INFERENCE, kwargs={"job_id": job_id}, priority=priority)
+    def send_inference(
+        self, job_id: int, priority: int, limits: TaskLimits, countdown_s: float = 0.0
+    ) -> None:
+        options: dict[str, Any] = {
+            "soft_time_limit": limits.soft_s,
+            "time_limit": limits.hard_s,
+        }
+        level = message_priority(priority, self.app.conf.broker_url)
+        if level is not None:
+            options["priority"] = level
+        if countdown_s > 0:
+            options["countdown"] = countdown_s
+        self.app.send_task(RUN_INFERENCE, kwargs={"job_id": job_id}, **options)
 
     def send_export(self, job_id: int) -> None:
         self.app.send_task(EXPORT_RESULTS, kwargs={"job_id": job_id})

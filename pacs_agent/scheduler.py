@@ -12,13 +12,20 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.catalog import Catalog, CatalogError
 from pacs_agent.config import Settings
-from pacs_agent.db.jobs import expired_leases, jobs_in, stale_queued, transition
-from pacs_agent.db.models import Instance, Job, Series, Study, utcnow
+from pacs_agent.db.jobs import (
+    count_in,
+    expired_leases,
+    jobs_in,
+    series_facts,
+    stale_queued,
+    transition,
+)
+from pacs_agent.db.models import Job, Study, utcnow
 from pacs_agent.domain.completeness import (
     CompletenessPolicy,
     Completion,
@@ -26,23 +33,43 @@ from pacs_agent.domain.completeness import (
     is_complete,
 )
 from pacs_agent.domain.jobs import JobStatus
-from pacs_agent.domain.routing import Rule, SeriesFacts, select_models
-from pacs_agent.queue import Dispatcher
+from pacs_agent.domain.routing import Rule, select_models
+from pacs_agent.queue import Dispatcher, TaskLimits
 
 log = logging.getLogger(__name__)
 
 
 def rules_from(settings: Settings) -> list[Rule]:
+    """The routing rules of the settings, as the pure domain type."""
     return [
         Rule(
             name=r.name,
             models=tuple(r.models),
             modality=tuple(r.modality),
+            body_part_examined=tuple(r.body_part_examined),
+            study_description=r.study_description,
+            series_description=r.series_description,
+            sop_class_uid=tuple(r.sop_class_uid),
+            image_type_includes=tuple(r.image_type_includes),
+            image_type_excludes=tuple(r.image_type_excludes),
+            slice_thickness_min=r.slice_thickness_min,
+            slice_thickness_max=r.slice_thickness_max,
             min_instances=r.min_instances,
+            max_instances=r.max_instances,
+            calling_ae_title=tuple(r.calling_ae_title),
             priority=r.priority,
         )
         for r in settings.models.rules
     ]
+
+
+def time_limits(settings: Settings, model: str) -> TaskLimits:
+    """Soft and hard time limits of a run of ``model``."""
+    limits = settings.models.time_limits.get(model)
+    if limits is not None:
+        return TaskLimits(soft_s=limits.soft_s, hard_s=limits.hard_s)
+    w = settings.worker
+    return TaskLimits(soft_s=w.soft_time_limit_s, hard_s=w.time_limit_s)
 
 
 class Scheduler:
@@ -117,16 +144,7 @@ class Scheduler:
             if moved.rowcount != 1:  # type: ignore[attr-defined]
                 return False
             study_uid = session.scalar(select(Study.study_instance_uid).where(Study.id == study_id))
-            rows = session.execute(
-                select(
-                    Series.id, Series.series_instance_uid, Series.modality, func.count(Instance.id)
-                )
-                .join(Instance, Instance.series_id == Series.id)
-                .where(Series.study_id == study_id)
-                .group_by(Series.id, Series.series_instance_uid, Series.modality)
-            ).all()
-            series_ids = {uid: sid for sid, uid, _, _ in rows}
-            facts = [SeriesFacts(uid, modality or "", n) for _, uid, modality, n in rows]
+            facts, series_ids = series_facts(session, study_id)
             for sel in select_models(facts, self.rules):
                 series_id = series_ids[sel.series_instance_uid]
                 self._supersede_older(session, series_id, sel.model)
@@ -147,7 +165,7 @@ class Scheduler:
                     job.reason = str(exc)
                     job.finished_at = now
                 session.add(job)
-            log.info("study %s complete (%s): %d series", study_uid, completion.value, len(rows))
+            log.info("study %s complete (%s): %d series", study_uid, completion.value, len(facts))
         return True
 
     @staticmethod
@@ -168,16 +186,25 @@ class Scheduler:
 
     # -- dispatch and sweeper ---------------------------------------------------------------
     def dispatch_pending(self, now: datetime) -> int:
-        """Queue pending jobs: the row says 'queued' before the message leaves (outbox)."""
+        """Queue pending jobs, highest priority first; the row says 'queued' before the
+        message leaves (outbox). At most ``broker.max_queued`` wait in the broker, so an
+        urgent job created later still overtakes a routine backlog."""
+        cap = self.settings.broker.max_queued
         with self.session_factory() as session:
-            pending = [(j.id, j.priority) for j in jobs_in(session, [JobStatus.PENDING])]
+            room = cap - count_in(session, JobStatus.QUEUED) if cap else 100
+            if room <= 0:
+                return 0
+            pending = [
+                (j.id, j.priority, j.model_name)
+                for j in jobs_in(session, [JobStatus.PENDING], limit=room)
+            ]
         sent = 0
-        for job_id, priority in pending:
+        for job_id, priority, model in pending:
             with self.session_factory.begin() as session:
                 if not transition(session, job_id, JobStatus.QUEUED, queued_at=now, updated_at=now):
                     continue
             try:
-                self.dispatcher.send_inference(job_id, priority)
+                self.dispatcher.send_inference(job_id, priority, time_limits(self.settings, model))
                 sent += 1
             except Exception as exc:
                 log.warning("job %d: broker unavailable (%s); will retry", job_id, exc)
@@ -196,7 +223,12 @@ class Scheduler:
         """Send again what a dead worker or a lost message left behind."""
         w = self.settings.worker
         with self.session_factory() as session:
-            expired = expired_leases(session, now)
+            expired = [
+                (j.id, j.attempts)
+                for j in session.scalars(
+                    select(Job).where(Job.id.in_(expired_leases(session, now)))
+                )
+            ]
             stale = stale_queued(session, now - timedelta(seconds=w.requeue_after_s))
             stuck_exports = list(
                 session.scalars(
@@ -206,7 +238,23 @@ class Scheduler:
                     )
                 )
             )
-        for job_id in expired:
+        for job_id, attempts in expired:
+            if attempts >= w.max_attempts:
+                with self.session_factory.begin() as session:
+                    transition(
+                        session,
+                        job_id,
+                        JobStatus.FAILED,
+                        only_from=[JobStatus.RUNNING],
+                        finished_at=now,
+                        updated_at=now,
+                        reason=(
+                            f"its worker was lost {attempts} time(s) (killed, out of memory, "
+                            "or over the hard time limit); not tried again"
+                        ),
+                    )
+                log.error("job %d: lease expired after %d attempt(s); failed", job_id, attempts)
+                continue
             with self.session_factory.begin() as session:
                 moved = transition(
                     session,
@@ -249,8 +297,12 @@ class Scheduler:
 
     def _send(self, job_id: int) -> None:
         with self.session_factory() as session:
-            priority = session.scalar(select(Job.priority).where(Job.id == job_id)) or 0
+            row = session.execute(
+                select(Job.priority, Job.model_name).where(Job.id == job_id)
+            ).one()
         try:
-            self.dispatcher.send_inference(job_id, priority)
+            self.dispatcher.send_inference(
+                job_id, row.priority, time_limits(self.settings, row.model_name)
+            )
         except Exception as exc:
             log.warning("job %d: broker unavailable (%s); will retry", job_id, exc)

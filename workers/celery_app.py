@@ -7,15 +7,22 @@ environment as the service (``PACS_AGENT_CONFIG``, ``PACS_AGENT_*``).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.config import Settings, load_settings
+from pacs_agent.db.jobs import renew_lease
+from pacs_agent.db.models import utcnow
 from pacs_agent.db.session import make_engine, make_session_factory
 from pacs_agent.export import export_job
 from pacs_agent.queue import EXPORT_RESULTS, RUN_INFERENCE, CeleryDispatcher, make_celery
@@ -54,6 +61,34 @@ class _ContextHolder:
         return self._context
 
 
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def lease_heartbeat(ctx: WorkerContext, job_id: int) -> Iterator[None]:
+    """Renew the job's lease every third of ``worker.lease_s`` while the body runs, so a
+    short lease finds a dead worker quickly and never expires under a live one."""
+    lease_s = ctx.settings.worker.lease_s
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(lease_s / 3):
+            try:
+                with ctx.session_factory.begin() as session:
+                    until = utcnow() + timedelta(seconds=lease_s)
+                    renew_lease(session, job_id, ctx.name, until)
+            except Exception as exc:  # the next beat tries again
+                log.warning("job %d: lease renewal failed (%s)", job_id, exc)
+
+    thread = threading.Thread(target=beat, name=f"lease-{job_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(5)
+
+
 def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or load_settings()
     app = make_celery(settings)
@@ -63,7 +98,9 @@ def create_app(settings: Settings | None = None) -> Celery:
     def run_inference(*, job_id: int) -> str:
         from workers.inference import run_inference_job  # lazy: torch only where needed
 
-        return run_inference_job(holder.get(), job_id)
+        ctx = holder.get()
+        with lease_heartbeat(ctx, job_id):
+            return run_inference_job(ctx, job_id)
 
     @app.task(name=EXPORT_RESULTS, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
     def export_results(*, job_id: int) -> str:

@@ -8,6 +8,7 @@ is claimed with a guarded transition (two workers never both run it), and any er
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -68,20 +69,10 @@ def run_inference_job(ctx: WorkerContext, job_id: int) -> str:
     try:
         files = _produce(ctx, job_id)
     except Exception as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        log.exception("job %d failed", job_id)
-        done = utcnow()
-        with ctx.session_factory.begin() as session:
-            transition(
-                session,
-                job_id,
-                JobStatus.FAILED,
-                only_from=[JobStatus.RUNNING],
-                reason=reason[:2000],
-                finished_at=done,
-                updated_at=done,
-            )
-        return "failed"
+        # Transient errors are retried with backoff; permanent ones fail at once.
+        from workers.outcome import fail_or_retry
+
+        return fail_or_retry(ctx, job_id, exc)
     done = utcnow()
     export = bool(settings.export.destinations)
     with ctx.session_factory.begin() as session:
@@ -91,6 +82,7 @@ def run_inference_job(ctx: WorkerContext, job_id: int) -> str:
             JobStatus.SUCCEEDED,
             only_from=[JobStatus.RUNNING],
             finished_at=done,
+            succeeded_at=done,
             updated_at=done,
             **files,
         )
@@ -104,7 +96,7 @@ def run_inference_job(ctx: WorkerContext, job_id: int) -> str:
     return "succeeded"
 
 
-def _produce(ctx: WorkerContext, job_id: int) -> dict[str, str | None]:
+def _produce(ctx: WorkerContext, job_id: int) -> dict[str, str | float | None]:
     settings = ctx.settings
     spool = Spool(settings.spool_dir)
     with ctx.session_factory() as session:
@@ -126,8 +118,11 @@ def _produce(ctx: WorkerContext, job_id: int) -> dict[str, str | None]:
         raise JobInputError(
             f"model {card.name} is a {card.task} model; only segmentation runs in this version"
         )
+    t0 = time.monotonic()
     datasets: list[Dataset] = [dcmread(p) for p in paths]
+    t1 = time.monotonic()
     mask = _runner(ctx, card).segment(spool.series_dir(study_uid, series_uid), datasets)
+    t2 = time.monotonic()
 
     uids = ResultUIDs(
         *job_result_uids(settings.uid_root, study_uid, series_uid, card.name, card.version)
@@ -174,6 +169,9 @@ def _produce(ctx: WorkerContext, job_id: int) -> dict[str, str | None]:
         sum(1 for s in segments if s.detected),
     )
     return {
+        "load_s": t1 - t0,
+        "inference_s": t2 - t1,
+        "write_s": time.monotonic() - t2,
         "seg_path": str(seg_rel) if seg_rel else None,
         "sr_path": str(sr_rel),
         "seg_sop_instance_uid": uids.seg_sop_uid if seg is not None else None,

@@ -120,6 +120,8 @@ def _index(
             body_part_examined=header.body_part_examined,
             series_description=header.series_description,
             series_number=header.series_number,
+            image_type=header.image_type,
+            slice_thickness=header.slice_thickness,
         )
         session.add(series)
         session.flush()

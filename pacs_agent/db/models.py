@@ -96,6 +96,9 @@ class Series(Base):
     body_part_examined: Mapped[str | None] = mapped_column(String(16))
     series_description: Mapped[str | None] = mapped_column(String(64))
     series_number: Mapped[int | None] = mapped_column(Integer)
+    #: ImageType values of the first instance, joined by a backslash (routing rules).
+    image_type: Mapped[str | None] = mapped_column(String(128))
+    slice_thickness: Mapped[float | None] = mapped_column(Float)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")
@@ -167,6 +170,11 @@ class Job(Base):
     #: Relative to the results directory.
     seg_path: Mapped[str | None] = mapped_column(String(512))
     sr_path: Mapped[str | None] = mapped_column(String(512))
+    #: Stage timings of the last run (seconds) and when inference succeeded.
+    load_s: Mapped[float | None] = mapped_column(Float)
+    inference_s: Mapped[float | None] = mapped_column(Float)
+    write_s: Mapped[float | None] = mapped_column(Float)
+    succeeded_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     series: Mapped[Series] = relationship()
@@ -204,8 +212,6 @@ class Finding(Base):
 class Export(Base):
     """One attempt to send one result object to one destination."""
 
-    #: The model card's threshold of a classification; ``flag`` is probability >= threshold.
-    threshold: Mapped[float | None] = mapped_column(Float)
     __tablename__ = "exports"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -221,3 +227,19 @@ class Export(Base):
     #: 1.. within one export round of one destination.
     attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     #: sent or failed.
+
+
+class AuditEntry(Base):
+    """One administrator action (reprocess, retry, cancel): who, what, when, and the outcome."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(32))
+    #: The command's arguments as JSON.
+    arguments: Mapped[str] = mapped_column(Text)
+    outcome: Mapped[str] = mapped_column(Text)
+    #: Ids of the jobs the action touched, as a JSON list.
+    job_ids: Mapped[str] = mapped_column(Text)

@@ -24,6 +24,9 @@ class InstanceHeader:
     body_part_examined: str | None
     series_number: int | None
     instance_number: int | None
+    image_type: str | None = None
+    """ImageType values joined by a backslash, for routing rules."""
+    slice_thickness: float | None = None
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
@@ -58,4 +61,22 @@ def instance_header(ds: Dataset) -> InstanceHeader:
         body_part_examined=_text(ds, "BodyPartExamined", 16),
         series_number=_int(ds, "SeriesNumber"),
         instance_number=_int(ds, "InstanceNumber"),
+        image_type=_image_type(ds),
+        slice_thickness=_float(ds, "SliceThickness"),
     )
+
+
+def _image_type(ds: Dataset) -> str | None:
+    value = ds.get("ImageType")
+    if value is None:
+        return None
+    values = [value] if isinstance(value, str) else list(value)
+    return "\\".join(str(v).strip() for v in values)[:128] or None
+
+
+def _float(ds: Dataset, keyword: str) -> float | None:
+    try:
+        value = ds.get(keyword)
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None

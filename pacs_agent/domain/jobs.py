@@ -45,3 +45,17 @@ def sources_of(target: JobStatus) -> frozenset[JobStatus]:
 
 def can_transition(src: JobStatus, dst: JobStatus) -> bool:
     return dst in TRANSITIONS[src]
+
+
+class TransientError(Exception):
+    """A failure worth retrying (a resource briefly unavailable); raise it to ask for a retry."""
+
+
+def retry_delay(attempts: int, max_attempts: int, base_s: float, max_s: float) -> float | None:
+    """Seconds to wait before trying again after ``attempts`` tries, or None when none are left.
+
+    Exponential backoff: ``base_s``, ``2 * base_s``, ``4 * base_s``, ... capped at ``max_s``.
+    """
+    if attempts >= max_attempts:
+        return None
+    return float(min(max_s, base_s * 2 ** max(0, attempts - 1)))

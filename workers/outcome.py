@@ -1,0 +1,88 @@
+"""How a failed model run ends: retried with backoff (transient) or failed at once (permanent).
+
+A transient error is one a later try may not meet: a database or broker connection dropped, a
+file system hiccup, the GPU out of memory because another job held it. Everything else (bad
+input, an unknown model, a bug, the soft time limit) is permanent: the job fails with its
+reason, visible in ``pacs-agent jobs show``.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from pacs_agent.db.jobs import transition
+from pacs_agent.db.models import Job, utcnow
+from pacs_agent.domain.jobs import JobStatus, TransientError, retry_delay
+from pacs_agent.scheduler import time_limits
+
+if TYPE_CHECKING:
+    from workers.celery_app import WorkerContext
+
+log = logging.getLogger(__name__)
+
+_PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when trying again later may succeed."""
+    if isinstance(exc, TransientError | OperationalError | ConnectionError | TimeoutError):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, OSError) and not isinstance(exc, _PERMANENT_OS_ERRORS):
+        return True
+    # torch.cuda.OutOfMemoryError, matched by name: this module does not import torch.
+    return type(exc).__name__ == "OutOfMemoryError"
+
+
+def fail_or_retry(ctx: WorkerContext, job_id: int, exc: BaseException) -> str:
+    """End a running job after ``exc``: back to ``queued`` with a delayed message when the
+    error is transient and attempts remain, else ``failed`` with the reason."""
+    reason = f"{type(exc).__name__}: {exc}"[:2000]
+    w = ctx.settings.worker
+    with ctx.session_factory() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        attempts, priority, model = job.attempts, job.priority, job.model_name
+    delay = None
+    if is_transient(exc):
+        delay = retry_delay(attempts, w.max_attempts, w.retry_backoff_s, w.retry_backoff_max_s)
+    now = utcnow()
+    if delay is not None:
+        with ctx.session_factory.begin() as session:
+            moved = transition(
+                session,
+                job_id,
+                JobStatus.QUEUED,
+                only_from=[JobStatus.RUNNING],
+                queued_at=now + timedelta(seconds=delay),
+                updated_at=now,
+                lease_expires_at=None,
+                reason=f"transient error, try {attempts + 1} in {delay:g} s: {reason}",
+            )
+        if moved:
+            log.warning("job %d: transient %s; retrying in %g s", job_id, type(exc).__name__, delay)
+            try:
+                ctx.dispatcher.send_inference(
+                    job_id, priority, time_limits(ctx.settings, model), countdown_s=delay
+                )
+            except Exception as send_exc:  # the sweeper sends stale queued jobs again
+                log.warning("job %d: could not queue the retry (%s)", job_id, send_exc)
+        return "retrying"
+    log.error("job %d failed: %s", job_id, reason, exc_info=exc)
+    with ctx.session_factory.begin() as session:
+        transition(
+            session,
+            job_id,
+            JobStatus.FAILED,
+            only_from=[JobStatus.RUNNING],
+            reason=reason,
+            finished_at=now,
+            updated_at=now,
+            lease_expires_at=None,
+        )
+    return "failed"
