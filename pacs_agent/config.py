@@ -129,6 +129,10 @@ class BrokerSettings(Section):
     """How often the embedded broker is polled (ignored by Redis and RabbitMQ)."""
     inference_queue: str = "inference"
     io_queue: str = "io"
+    max_queued: int = Field(8, ge=0)
+    """At most this many inference jobs wait in the broker; the rest wait in the database,
+    highest priority first, so an urgent study overtakes a routine backlog on every broker.
+    Keep it at least the total inference concurrency of your workers (0: no limit)."""
 
 
 class AssemblerSettings(Section):
@@ -309,15 +313,15 @@ Destination = Annotated[
     Annotated[DicomDestination, Tag("dicom")] | Annotated[DicomWebDestination, Tag("dicomweb")],
     Discriminator(_destination_kind),
 ]
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        toml_file = settings_cls.model_config.get("toml_file")
+
+
+class ExportSettings(Section):
+    destinations: list[Destination] = Field(default_factory=list)
+    """Where results are sent. Empty: results stay under ``<data_dir>/results``."""
+    calling_ae_title: AETitle = "PACSAGENT"
+    timeout_s: float = Field(30.0, gt=0)
+    include_empty_seg: bool = False
+    """Send a SEG even when nothing was found (the SR always says what was not found)."""
     max_attempts: int = Field(5, ge=1)
     """Attempts per destination before the job ends ``export_failed`` (retry by command)."""
     backoff_initial_s: float = Field(2.0, ge=0)
@@ -334,6 +338,60 @@ Destination = Annotated[
         if duplicated:
             raise ValueError(f"destination names must be unique: {duplicated}")
         return v
+
+
+class LoggingSettings(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @property
+    def level_no(self) -> int:
+        return int(logging.getLevelName(self.level))
+
+
+class Settings(BaseSettings):
+    """The effective settings of one pacs-agent process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PACS_AGENT_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    data_dir: Path = Path("./var")
+    """All state lives here: spool, results, embedded database and broker."""
+    uid_root: str = DEFAULT_UID_ROOT
+    """Root of the UIDs we create (your organisation's root, or 2.25 for UUID-derived UIDs)."""
+    listener: ListenerSettings = Field(default_factory=ListenerSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    assembler: AssemblerSettings = Field(default_factory=AssemblerSettings)
+    models: ModelsSettings = Field(default_factory=ModelsSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @field_validator("uid_root")
+    @classmethod
+    def _uid_root(cls, v: str) -> str:
+        return validate_uid_root(v)
+
+    @model_validator(mode="after")
+    def _absolute_data_dir(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = settings_cls.model_config.get("toml_file")
         if toml_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)

@@ -183,6 +183,9 @@ class Job(Base):
 
 
 class Finding(Base):
+    """One segment (``kind`` segment) or one classification output (``kind``
+    classification) of a job; numbered 1.. within its kind."""
+
     __tablename__ = "findings"
     __table_args__ = (
         UniqueConstraint("job_id", "kind", "segment_number", name="uq_findings_job_kind_number"),
@@ -190,20 +193,19 @@ class Finding(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16), default="segment", server_default="segment")
     segment_number: Mapped[int] = mapped_column(Integer)
     label: Mapped[str] = mapped_column(String(64))
     code_value: Mapped[str] = mapped_column(String(64))
-    """One segment (``kind`` segment) or one classification output (``kind``
-    classification) of a job; numbered 1.. within its kind."""
-
     code_scheme: Mapped[str] = mapped_column(String(16))
     code_meaning: Mapped[str] = mapped_column(String(64))
     detected: Mapped[bool] = mapped_column(Boolean)
     voxel_count: Mapped[int] = mapped_column(BigInteger, default=0)
     volume_mm3: Mapped[float | None] = mapped_column(Float)
-    kind: Mapped[str] = mapped_column(String(16), default="segment", server_default="segment")
     mean_hu: Mapped[float | None] = mapped_column(Float)
     probability: Mapped[float | None] = mapped_column(Float)
+    #: The model card's threshold of a classification; ``flag`` is probability >= threshold.
+    threshold: Mapped[float | None] = mapped_column(Float)
     flag: Mapped[bool] = mapped_column(Boolean, default=False)
 
     job: Mapped[Job] = relationship(back_populates="findings")
@@ -218,15 +220,15 @@ class Export(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
     sop_instance_uid: Mapped[str] = mapped_column(UID)
+    #: 1.. within one export round of one destination.
+    attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    #: sent or failed.
     status: Mapped[str] = mapped_column(String(16))
     dicom_status: Mapped[int | None] = mapped_column(Integer)
     error: Mapped[str | None] = mapped_column(Text)
     attempted_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="exports")
-    #: 1.. within one export round of one destination.
-    attempt: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
-    #: sent or failed.
 
 
 class AuditEntry(Base):
