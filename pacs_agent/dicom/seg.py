@@ -25,7 +25,7 @@ from pacs_agent.dicom.geometry import (
 )
 from pacs_agent.domain.results import AlgorithmSpec, JobResult, SegmentSpec
 from pacs_agent.domain.results import CodedConcept as DomainCode
-from pacs_agent.domain.uids import DEFAULT_UID_ROOT, derive_uid
+from pacs_agent.domain.uids import DEFAULT_UID_ROOT, derive_uid, validate_uid_root
 
 #: Default Series Number of the SEG series (the SR uses the next one).
 SEG_SERIES_NUMBER = 9001
@@ -76,6 +76,8 @@ def _result_texts(result: JobResult) -> list[str]:
     for segment in result.segments:
         spec = segment.segment
         texts += [spec.label, spec.category.meaning, spec.type.meaning]
+    for classification in result.classifications:
+        texts += [classification.label, classification.finding.meaning]
     return texts
 
 
@@ -96,9 +98,38 @@ def character_set(source: Dataset, result: JobResult) -> str | list[str] | None:
     return value if isinstance(value, str) else [str(v) for v in value]
 
 
+def uid_root_of(uid: str) -> str:
+    """The root a UID made by :func:`pacs_agent.domain.uids.derive_uid` was derived from
+    (everything before its last component); the ``2.25`` root when that is no usable root."""
+    root = uid.rsplit(".", 1)[0]
+    try:
+        return validate_uid_root(root)
+    except ValueError:
+        return DEFAULT_UID_ROOT
+
+
 def segment_tracking_uid(result: JobResult, spec: SegmentSpec) -> str:
-    """Tracking UID of a segment's finding, shared by the SEG and the SR (deterministic)."""
-    return derive_uid(DEFAULT_UID_ROOT, result.uids.seg_series_uid, "tracking", str(spec.number))
+    """Tracking UID of a segment's finding, shared by the SEG and the SR (deterministic).
+
+    Under the configured UID root, read from the job's SEG Series Instance UID (the result
+    carries its UIDs, not the settings)."""
+    series_uid = result.uids.seg_series_uid
+    return derive_uid(uid_root_of(series_uid), series_uid, "tracking", str(spec.number))
+
+
+def classification_tracking_uid(result: JobResult, index: int) -> str:
+    """Tracking UID of the ``index``-th classification finding of a job (deterministic, under
+    the configured UID root read from the SR Series Instance UID)."""
+    series_uid = result.uids.sr_series_uid
+    finding = result.classifications[index].finding
+    return derive_uid(
+        uid_root_of(series_uid),
+        series_uid,
+        "classification",
+        str(index),
+        finding.scheme,
+        finding.value,
+    )
 
 
 def segment_numbers_by_tracking_uid(seg: Dataset) -> dict[str, int]:

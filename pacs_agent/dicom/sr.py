@@ -13,7 +13,11 @@ Content tree:
   Coefficient in Hounsfield units, each with the algorithm identification (TID 4019);
 - for each segment not detected a TID 1501 group with the same tracking identifier, finding
   category and type, and the qualitative evaluation "<type> = Absent" (CID 240:
-  SCT 272519000).
+  SCT 272519000);
+- for each classification output a TID 1501 group on the source images: tracking identifier,
+  finding type = the coded finding, the qualitative evaluation "<finding> = Present" when the
+  probability reaches the model card's threshold and "Absent" below it, and the measurement
+  "Probability" (DCM 122157, unit "no units" {1}) with the algorithm identification.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pacs_agent.dicom.seg import (
     ai_series_description,
     algorithm_equipment,
     character_set,
+    classification_tracking_uid,
     coded,
     fit_long_string,
     segment_numbers_by_tracking_uid,
@@ -156,6 +161,38 @@ def _absent_group(
     )
 
 
+def _classification_group(
+    result: JobResult, index: int, source_datasets: Sequence[Dataset]
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    classification = result.classifications[index]
+    finding = coded(classification.finding)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=classification_tracking_uid(result, index),
+            identifier=fit_long_string(classification.label),
+        ),
+        finding_type=finding,
+        algorithm_id=_algorithm_id(result),
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in source_datasets
+        ],
+        measurements=[
+            hd.sr.Measurement(
+                name=codes.DCM.Probability,
+                value=classification.probability,
+                unit=codes.UCUM.NoUnits,
+                algorithm_id=_algorithm_id(result),
+            )
+        ],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(
+                name=finding,
+                value=codes.cid240.Present if classification.flag else codes.cid240.Absent,
+            )
+        ],
+    )
+
+
 def build_measurement_report(
     source_datasets: Sequence[Dataset],
     seg: Dataset | None,
@@ -172,8 +209,13 @@ def build_measurement_report(
     unverified (nobody has reviewed it). Patient and study come from the sources; SOP and
     Series Instance UIDs from ``result.uids``.
 
+    Segments (``result.segments``) and classification outputs (``result.classifications``)
+    each get their measurement group, so one report serves a segmentation job, a
+    classification job, or a model that does both.
+
     Raises ValueError when there are no sources, they span several series, the SEG belongs to
-    another study, or a detected segment has no segment in ``seg``.
+    another study, a detected segment has no segment in ``seg``, or there is nothing to
+    report (no segments and no classifications).
     """
     if not source_datasets:
         raise ValueError("no source datasets")
@@ -201,6 +243,10 @@ def build_measurement_report(
                 "but the Segmentation has no segment for it"
             )
         groups.append(_detected_group(result, segment, seg, number, series_uid))
+    for index in range(len(result.classifications)):
+        groups.append(_classification_group(result, index, source_datasets))
+    if not groups:
+        raise ValueError("the result has neither segments nor classifications to report")
 
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(result),

@@ -13,6 +13,7 @@ from pydicom.data import get_testdata_file
 
 from pacs_agent.domain.results import (
     AlgorithmSpec,
+    ClassificationResult,
     CodedConcept,
     JobResult,
     ResultUIDs,
@@ -83,16 +84,36 @@ def job_result(
     sources: Sequence[Dataset],
     segments: tuple[SegmentResult, ...],
     model: AlgorithmSpec | None = None,
+    *,
+    root: str = DEFAULT_UID_ROOT,
+    classifications: tuple[ClassificationResult, ...] = (),
 ) -> JobResult:
     model = model or algorithm()
     uids = job_result_uids(
-        DEFAULT_UID_ROOT,
+        root,
         str(sources[0].StudyInstanceUID),
         str(sources[0].SeriesInstanceUID),
         model.name,
         model.version,
     )
-    return JobResult(algorithm=model, segments=segments, uids=ResultUIDs(*uids))
+    return JobResult(
+        algorithm=model,
+        segments=segments,
+        uids=ResultUIDs(*uids),
+        classifications=classifications,
+    )
+
+
+#: Findings of a classification model card (SNOMED CT), with the card's thresholds.
+PNEUMOTHORAX = CodedConcept("36118008", "SCT", "Pneumothorax")
+NODULE = CodedConcept("27925004", "SCT", "Nodule")
+
+
+def classifications(p_pneumothorax: float, p_nodule: float) -> tuple[ClassificationResult, ...]:
+    return (
+        ClassificationResult(PNEUMOTHORAX, "pneumothorax", p_pneumothorax, threshold=0.5),
+        ClassificationResult(NODULE, "nodule", p_nodule, threshold=0.3),
+    )
 
 
 def box_mask(sources: Sequence[Dataset], label: int = 1) -> np.ndarray:

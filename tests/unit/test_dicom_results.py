@@ -29,16 +29,23 @@ from pacs_agent.dicom.geometry import (
     voxel_volume_mm3,
 )
 from pacs_agent.dicom.io import read_header, write_dataset
-from pacs_agent.dicom.seg import build_segmentation, segment_tracking_uid
+from pacs_agent.dicom.seg import (
+    build_segmentation,
+    classification_tracking_uid,
+    segment_tracking_uid,
+)
 from pacs_agent.dicom.sr import build_measurement_report, procedure_reported
 from pacs_agent.domain.results import JobResult
 from tests.helpers.dicom_results import (
     DCMQI_LIVER_SEG,
     LIVER,
+    NODULE,
+    PNEUMOTHORAX,
     SPECS,
     SPLEEN,
     algorithm,
     box_mask,
+    classifications,
     dciodvfy_errors,
     dsrdump,
     job_result,
@@ -618,6 +625,122 @@ def test_sr_refuses_a_detected_segment_without_a_seg() -> None:
     mask = box_mask(ct)
     with pytest.raises(ValueError, match="no segment"):
         build_measurement_report(ct, None, _liver_result(ct, mask))
+
+
+# --- classification results --------------------------------------------------------------
+
+
+def _groups(report: Dataset) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    return list(_content(report).get_image_measurement_groups())
+
+
+def test_classification_sr_reports_each_finding_with_its_probability_and_presence(
+    tmp_path: Path,
+) -> None:
+    ct = liver_ct()
+    result = job_result(ct, (), classifications=classifications(0.91, 0.12))
+    report = build_measurement_report(ct, None, result)
+    path = write_dataset(report, tmp_path / "sr.dcm")
+    _assert_valid(path)
+    dump = dsrdump(path)
+    assert dump.returncode == 0, dump.stderr
+    assert "Probability" in dump.stdout and "Pneumothorax" in dump.stdout
+
+    read = hd.sr.srread(path)
+    groups = _groups(read)
+    assert len(groups) == 2
+    seen = {}
+    for index, group in enumerate(groups):
+        finding = group.finding_type
+        assert finding is not None
+        (probability,) = group.get_measurements(name=codes.DCM.Probability)
+        (evaluation,) = group.get_qualitative_evaluations(
+            name=hd.sr.CodedConcept(finding.value, finding.scheme_designator, finding.meaning)
+        )
+        assert group.tracking_uid == classification_tracking_uid(result, index)
+        assert probability.unit == codes.UCUM.NoUnits
+        seen[finding.value] = (float(probability.value), evaluation.value)
+    assert seen == {
+        PNEUMOTHORAX.value: (0.91, codes.cid240.Present),
+        NODULE.value: (0.12, codes.cid240.Absent),  # below the card's 0.3 threshold
+    }
+    evidence = {
+        str(instance.ReferencedSOPInstanceUID)
+        for study in read.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for instance in series.ReferencedSOPSequence
+    }
+    assert evidence == set(_uids(ct))
+
+
+def test_sr_of_a_model_that_segments_and_classifies_holds_both_kinds_of_group(
+    tmp_path: Path,
+) -> None:
+    ct = liver_ct()
+    mask = box_mask(ct)
+    result = job_result(
+        ct, segment_results(mask, ct, SPECS), classifications=classifications(0.2, 0.8)
+    )
+    seg = build_segmentation(ct, mask, result)
+    assert seg is not None
+    report = build_measurement_report(ct, seg, result)
+    _assert_valid(write_dataset(report, tmp_path / "sr.dcm"))
+    read = hd.sr.srread(tmp_path / "sr.dcm")
+    assert len(_content(read).get_volumetric_roi_measurement_groups()) == 1  # the liver
+    assert len(_groups(read)) == 3  # spleen absent, two classifications
+
+
+def test_sr_refuses_a_result_with_nothing_to_report() -> None:
+    ct = liver_ct()
+    with pytest.raises(ValueError, match="neither segments nor classifications"):
+        build_measurement_report(ct, None, job_result(ct, ()))
+
+
+def test_tracking_uids_live_under_the_configured_uid_root_and_match_between_seg_and_sr(
+    tmp_path: Path,
+) -> None:
+    root = "1.2.826.0.1.3680043.8.498"
+    ct = liver_ct()
+    mask = box_mask(ct)
+    result = job_result(
+        ct, segment_results(mask, ct, SPECS), root=root, classifications=classifications(0.9, 0.9)
+    )
+    seg = build_segmentation(ct, mask, result)
+    assert seg is not None
+    report = build_measurement_report(ct, seg, result)
+    seg_tracking = [str(item.TrackingUID) for item in seg.SegmentSequence]
+    assert seg_tracking == [segment_tracking_uid(result, LIVER)]
+    content = _content(hd.sr.srread(write_dataset(report, tmp_path / "sr.dcm")))
+    (volumetric,) = content.get_volumetric_roi_measurement_groups()
+    assert volumetric.tracking_uid == seg_tracking[0]
+    uids = [
+        seg.SOPInstanceUID,
+        seg.SeriesInstanceUID,
+        report.SOPInstanceUID,
+        report.SeriesInstanceUID,
+        *seg_tracking,
+        segment_tracking_uid(result, SPLEEN),
+        classification_tracking_uid(result, 0),
+        classification_tracking_uid(result, 1),
+    ]
+    assert all(str(uid).startswith(root + ".") and len(str(uid)) <= 64 for uid in uids)
+    assert len(set(uids)) == len(uids)
+
+
+def test_device_uid_in_contributing_equipment_changes_when_the_model_version_changes() -> None:
+    ct = liver_ct()
+    mask = box_mask(ct)
+    device_uids = set()
+    for version in ("0.5.1", "0.6.0"):
+        result = job_result(ct, segment_results(mask, ct, SPECS), algorithm(version=version))
+        seg = build_segmentation(ct, mask, result)
+        assert seg is not None
+        report = build_measurement_report(ct, seg, result)
+        (seg_item,) = [i for i in seg.ContributingEquipmentSequence if "DeviceUID" in i]
+        (sr_item,) = [i for i in report.ContributingEquipmentSequence if "DeviceUID" in i]
+        assert seg_item.DeviceUID == sr_item.DeviceUID == result.algorithm.device_uid
+        device_uids.add(str(seg_item.DeviceUID))
+    assert len(device_uids) == 2
 
 
 # --- AI marking and IHE AIR contributing equipment ---------------------------------------
