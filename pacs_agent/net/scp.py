@@ -262,6 +262,8 @@ def handle_store(event: Any, receiver: Receiver) -> int | Dataset:
             type(exc).__name__,
             exc,
         )
+        if arrival is not Arrival.REPLACE:  # an unindexed new file must not join its series
+            receiver.spool.discard(relative)
         return _status(OUT_OF_RESOURCES, f"index failed: {type(exc).__name__}")
     receiver.touched(event.assoc, header.study_instance_uid)
     if arrival is not Arrival.NEW:

@@ -90,6 +90,15 @@ class Spool:
             / check_uid("SeriesInstanceUID", series_uid)
         )
 
+    def discard(self, relative: Path) -> None:
+        """Remove a stored file whose index row could not be written (best effort)."""
+        target = self.root / relative
+        try:
+            target.unlink()
+            fsync_dir(target.parent)
+        except OSError:
+            pass
+
     def store(self, relative: Path, data: bytes | memoryview) -> Path:
         target = self.root / relative
         write_durable(target, data)
