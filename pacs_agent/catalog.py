@@ -1,23 +1,66 @@
 """The model catalog: MONAI bundles in the models directory, each with pacs-agent's model card.
 
-A model card (``pacs-agent.toml`` in the bundle's root) says what the bundle does, which
-series it accepts, how each label is coded and whether it may be used clinically. Reading the
-catalog imports no torch: the listener uses it to create jobs.
+A model card (``pacs-agent.toml`` in the bundle's root) says what the bundle does, which series it
+accepts (its input contract; *which* models run is decided by the routing rules), how each label
+is coded, which thresholds turn outputs into findings and flags, its version and whether it may be
+used clinically. The bundle's own files are never edited: configuration entries the deployment
+wants different (``displayable_configs#highres = false``) go into the card's ``[runtime]``
+overrides. Reading the catalog imports no torch: the listener uses it to create jobs.
+
+A card, in full::
+
+    [model]
+    name = "demo_cr_finding"
+    version = "0.1.0"
+    task = "classification"          # or "segmentation"
+    clinical_use = false
+    description = "DEMO ONLY ..."
+
+    [accepts]                        # every condition given must hold (input contract)
+    modality = ["CR", "DX"]
+    body_part = []                   # BodyPartExamined in this list (empty: any)
+    sop_class = []                   # SOP Class UIDs (empty: any)
+    photometric = []                 # PhotometricInterpretation (empty: any)
+    min_slices = 1                   # image planes the model needs
+    max_slices = 0                   # 0: no upper limit
+    gantry_tilt = false              # accept tilted CT (the volume is then sheared)
+
+    [runtime]
+    overrides = { "displayable_configs#highres" = false }
+    input = "volume"                 # "volume": the whole series; "image": each image
+                                     # (classification: the series gets the highest probability)
+
+    [[segments]]                     # segmentation: label value -> coded segment
+    number = 1
+    label = "Spleen"
+    category = { value = "123037004", scheme = "SCT", meaning = "Anatomical Structure" }
+    type = { value = "78961009", scheme = "SCT", meaning = "Spleen" }
+    flag_volume_mm3 = 0.0            # flag when the volume is at least this (and > 0)
+
+    [[findings]]                     # classification: output channel -> coded finding
+    index = 1
+    label = "Nodule"
+    code = { value = "27925004", scheme = "SCT", meaning = "Nodule" }
+    threshold = 0.5                  # flag when the probability is at least this
 """
 
 from __future__ import annotations
 
+import json
+import re
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pacs_agent.domain.results import AlgorithmSpec, CodedConcept, SegmentSpec
 from pacs_agent.domain.uids import device_uid
 
 CARD_NAME = "pacs-agent.toml"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class CatalogError(ValueError):
@@ -26,9 +69,9 @@ class CatalogError(ValueError):
 
 class _Code(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    value: str
-    scheme: str
-    meaning: str
+    value: str = Field(min_length=1, max_length=64)
+    scheme: str = Field(min_length=1, max_length=16)
+    meaning: str = Field(min_length=1, max_length=64)
 
     def concept(self) -> CodedConcept:
         return CodedConcept(self.value, self.scheme, self.meaning)
@@ -36,31 +79,113 @@ class _Code(BaseModel):
 
 class _Segment(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    number: int = Field(ge=1)
-    label: str
+    number: int = Field(ge=1, le=255)
+    label: str = Field(min_length=1, max_length=64)
     category: _Code
     type: _Code
+    flag_volume_mm3: float = Field(0.0, ge=0)
+
+
+class _Finding(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    index: int = Field(ge=0)
+    label: str = Field(min_length=1, max_length=64)
+    code: _Code
+    threshold: float = Field(0.5, ge=0, le=1)
 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
-    version: str
+    version: str = Field(min_length=1, max_length=64)
     task: Literal["segmentation", "classification"]
     clinical_use: bool = False
     description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("letters, digits, '_', '.', '-' only (at most 128)")
+        return v
 
 
 class _Accepts(BaseModel):
     model_config = ConfigDict(extra="forbid")
     modality: list[str] = Field(default_factory=list)
+    body_part: list[str] = Field(default_factory=list)
+    sop_class: list[str] = Field(default_factory=list)
+    photometric: list[str] = Field(default_factory=list)
+    min_slices: int = Field(1, ge=1)
+    max_slices: int = Field(0, ge=0)
+    gantry_tilt: bool = False
+
+    @field_validator("modality", "body_part", "photometric")
+    @classmethod
+    def _upper(cls, v: list[str]) -> list[str]:
+        return [s.strip().upper() for s in v]
+
+
+class _Runtime(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    input: Literal["volume", "image"] = "volume"
 
 
 class _Card(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: _Model
     accepts: _Accepts = Field(default_factory=_Accepts)
+    runtime: _Runtime = Field(default_factory=_Runtime)
     segments: list[_Segment] = Field(default_factory=list)
+    findings: list[_Finding] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AcceptsSpec:
+    """The series a model accepts: its input contract (see the module docstring)."""
+
+    modality: tuple[str, ...] = ()
+    body_part: tuple[str, ...] = ()
+    sop_class: tuple[str, ...] = ()
+    photometric: tuple[str, ...] = ()
+    min_slices: int = 1
+    max_slices: int = 0
+    gantry_tilt: bool = False
+
+    def rejects(self, attributes: Mapping[str, Any], num_images: int) -> str | None:
+        """Why a series with these DICOM attributes (keyword -> value, from its first instance)
+        and ``num_images`` image planes is outside the contract, or None when it is inside."""
+
+        def text(keyword: str) -> str:
+            return str(attributes.get(keyword) or "").strip().upper()
+
+        checks = (
+            ("Modality", self.modality, text("Modality")),
+            ("BodyPartExamined", self.body_part, text("BodyPartExamined")),
+            ("PhotometricInterpretation", self.photometric, text("PhotometricInterpretation")),
+        )
+        for keyword, allowed, value in checks:
+            if allowed and value not in allowed:
+                return f"{keyword} {value or '(empty)'} is not one of {list(allowed)}"
+        sop_class = str(attributes.get("SOPClassUID") or "")
+        if self.sop_class and sop_class not in self.sop_class:
+            return f"SOP Class {sop_class or '(empty)'} is not one of {list(self.sop_class)}"
+        if num_images < self.min_slices:
+            return f"{num_images} image(s): the model needs at least {self.min_slices}"
+        if self.max_slices and num_images > self.max_slices:
+            return f"{num_images} image(s): the model takes at most {self.max_slices}"
+        return None
+
+
+@dataclass(frozen=True)
+class FindingSpec:
+    """One output of a classification model, as the model card codes it."""
+
+    index: int  # output channel
+    label: str
+    code: CodedConcept
+    threshold: float
 
 
 @dataclass(frozen=True)
@@ -73,6 +198,12 @@ class ModelCard:
     accepts_modality: tuple[str, ...]
     segments: tuple[SegmentSpec, ...]
     bundle_dir: Path
+    accepts: AcceptsSpec = field(default_factory=AcceptsSpec)
+    findings: tuple[FindingSpec, ...] = ()
+    flag_volume_mm3: dict[int, float] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)
+    input: str = "volume"
+    card_path: Path | None = None
 
     def algorithm(self, uid_root: str) -> AlgorithmSpec:
         return AlgorithmSpec(
@@ -82,41 +213,155 @@ class ModelCard:
             clinical_use=self.clinical_use,
         )
 
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for ``models list --json``."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "task": self.task,
+            "clinical_use": self.clinical_use,
+            "description": self.description,
+            "bundle": str(self.bundle_dir),
+            "accepts": {
+                "modality": list(self.accepts.modality),
+                "body_part": list(self.accepts.body_part),
+                "sop_class": list(self.accepts.sop_class),
+                "photometric": list(self.accepts.photometric),
+                "min_slices": self.accepts.min_slices,
+                "max_slices": self.accepts.max_slices,
+                "gantry_tilt": self.accepts.gantry_tilt,
+            },
+            "input": self.input,
+            "overrides": dict(self.overrides),
+            "segments": [
+                {
+                    "number": s.number,
+                    "label": s.label,
+                    "category": vars(s.category),
+                    "type": vars(s.type),
+                    "flag_volume_mm3": self.flag_volume_mm3.get(s.number, 0.0),
+                }
+                for s in self.segments
+            ],
+            "findings": [
+                {"index": f.index, "label": f.label, "code": vars(f.code), "threshold": f.threshold}
+                for f in self.findings
+            ],
+        }
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(card)"
+
+
+def _describe(exc: ValidationError) -> str:
+    return "; ".join(f"{_where(e['loc'])}: {e['msg']}" for e in exc.errors())
+
+
+def _output_channels(bundle_dir: Path) -> int | None:
+    """``num_channels`` of the bundle's declared output (metadata.json), when it says one."""
+    try:
+        meta = json.loads((bundle_dir / "configs" / "metadata.json").read_text(encoding="utf-8"))
+        outputs = meta["network_data_format"]["outputs"]
+        first = next(iter(outputs.values()))
+        return int(first["num_channels"])
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return None
+
 
 def read_card(bundle_dir: Path) -> ModelCard:
-    """Read and validate one bundle's model card. Raises CatalogError saying what is wrong."""
+    """Read and validate one bundle's model card. Raises CatalogError saying what is wrong,
+    prefixed with the file it is wrong in."""
     card_path = bundle_dir / CARD_NAME
     if not card_path.is_file():
         raise CatalogError(f"{bundle_dir}: no model card {CARD_NAME}")
     configs = bundle_dir / "configs"
     if not (configs / "metadata.json").is_file():
         raise CatalogError(f"{bundle_dir}: not a MONAI bundle (configs/metadata.json missing)")
+    try:
+        json.loads((configs / "metadata.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CatalogError(f"{configs / 'metadata.json'}: not valid JSON: {exc}") from exc
     if not any((configs / f"inference.{ext}").is_file() for ext in ("json", "yaml", "yml")):
         raise CatalogError(f"{bundle_dir}: configs/inference.json (or .yaml) missing")
     if not any((bundle_dir / "models" / f).is_file() for f in ("model.pt", "model.ts")):
         raise CatalogError(f"{bundle_dir}: weights missing (models/model.pt or models/model.ts)")
     try:
         raw: dict[str, Any] = tomllib.loads(card_path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogError(f"{card_path}: not valid TOML: {exc}") from exc
+    try:
         card = _Card.model_validate(raw)
-    except (tomllib.TOMLDecodeError, ValidationError) as exc:
-        raise CatalogError(f"{card_path}: {exc}") from exc
-    if card.model.task == "segmentation" and not card.segments:
-        raise CatalogError(f"{card_path}: a segmentation model needs at least one [[segments]]")
+    except ValidationError as exc:
+        raise CatalogError(f"{card_path}: {_describe(exc)}") from exc
+
+    def fail(message: str) -> CatalogError:
+        return CatalogError(f"{card_path}: {message}")
+
+    if card.model.task == "segmentation":
+        if not card.segments:
+            raise fail("a segmentation model needs at least one [[segments]]")
+        if card.findings:
+            raise fail("[[findings]] are for classification models; use [[segments]]")
+    else:
+        if not card.findings:
+            raise fail("a classification model needs at least one [[findings]]")
+        if card.segments:
+            raise fail("[[segments]] are for segmentation models; use [[findings]]")
     numbers = [s.number for s in card.segments]
     if len(set(numbers)) != len(numbers):
-        raise CatalogError(f"{card_path}: segment numbers repeat: {numbers}")
+        raise fail(f"segments.number repeats: {numbers}")
+    indices = [f.index for f in card.findings]
+    if len(set(indices)) != len(indices):
+        raise fail(f"findings.index repeats: {indices}")
+    channels = _output_channels(bundle_dir)
+    if channels is not None:
+        # A segmentation's label values are channel indices after argmax; a one-channel
+        # output is a binary mask whose foreground is label 1.
+        top = max(numbers + indices, default=0)
+        limit = max(channels - 1, 1) if card.model.task == "segmentation" else channels - 1
+        if top > limit:
+            what = "segments.number" if card.model.task == "segmentation" else "findings.index"
+            raise fail(
+                f"{what} {top} is beyond the bundle's output: configs/metadata.json declares "
+                f"{channels} channel(s)"
+            )
+    if card.runtime.input == "image" and card.model.task != "classification":
+        raise fail("runtime.input = 'image' is for classification models")
+    if card.accepts.max_slices and card.accepts.max_slices < card.accepts.min_slices:
+        raise fail("accepts.max_slices is below accepts.min_slices")
+    accepts = AcceptsSpec(
+        modality=tuple(card.accepts.modality),
+        body_part=tuple(card.accepts.body_part),
+        sop_class=tuple(card.accepts.sop_class),
+        photometric=tuple(card.accepts.photometric),
+        min_slices=card.accepts.min_slices,
+        max_slices=card.accepts.max_slices,
+        gantry_tilt=card.accepts.gantry_tilt,
+    )
     return ModelCard(
         name=card.model.name,
         version=card.model.version,
         task=card.model.task,
         clinical_use=card.model.clinical_use,
         description=card.model.description,
-        accepts_modality=tuple(card.accepts.modality),
+        accepts_modality=accepts.modality,
         segments=tuple(
             SegmentSpec(s.number, s.label, s.category.concept(), s.type.concept())
             for s in card.segments
         ),
         bundle_dir=bundle_dir,
+        accepts=accepts,
+        findings=tuple(
+            FindingSpec(f.index, f.label, f.code.concept(), f.threshold) for f in card.findings
+        ),
+        flag_volume_mm3={s.number: s.flag_volume_mm3 for s in card.segments},
+        overrides=dict(card.runtime.overrides),
+        input=card.runtime.input,
+        card_path=card_path,
     )
 
 
@@ -139,6 +384,8 @@ def load_catalog(models_dir: Path) -> Catalog:
     if not models_dir.is_dir():
         return Catalog({}, (f"models directory {models_dir} does not exist",))
     for bundle in sorted(p for p in models_dir.iterdir() if p.is_dir()):
+        if bundle.name.startswith((".", "_")):
+            continue
         try:
             card = read_card(bundle)
         except CatalogError as exc:

@@ -15,12 +15,29 @@ The prediction that comes out carries its own affine (usually back on the grid o
 series, thanks to ``Invertd``, but any grid works); every pixel of every source frame is mapped
 through that affine to the nearest voxel of the prediction, so the result lines up with the frames
 whatever order the caller passes them in and whatever the bundle resampled to.
+
+:meth:`BundleRunner.segment_series` and :meth:`BundleRunner.classify_series` take the series'
+datasets instead of a folder: the volume is built and checked by
+:mod:`pacs_agent.dicom.volume` (order along the normal, one orientation, even spacing, rescale,
+MONOCHROME1, multi-frame, compressed pixel data), written as a NIfTI file in a temporary folder,
+and that file is what the bundle's own ``LoadImaged`` reads: the bundle stays unchanged and every
+series it sees has passed the same checks.
+
+Bundles with a ``scripts/`` folder (``$scripts.module.function`` in their configs) work: the bundle
+root is put on ``sys.path`` while the configuration is built, and a ``scripts`` package cached
+from another bundle is dropped first.
+
+On CUDA the network runs under autocast (mixed precision). An out-of-memory error releases the
+cached GPU memory and raises :class:`InferenceOutOfMemory`, so the caller can fail the job with
+that reason or retry on the CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import sys
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from copy import deepcopy
@@ -32,13 +49,16 @@ import numpy.typing as npt
 import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
-from monai.transforms import Compose
+from monai.transforms import Compose, MapTransform
 from pydicom.dataset import Dataset
+
+from pacs_agent.dicom.volume import VolumePlan, read_volume
 
 __all__ = [
     "CONFIG_NAMES",
     "BundleError",
     "BundleRunner",
+    "InferenceOutOfMemory",
     "SeriesGeometryError",
     "labels_on_frames",
     "resolve_device",
@@ -55,6 +75,9 @@ _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _WRITER_NAMES = frozenset(
     {"SaveImage", "SaveImaged", "SaveClassification", "SaveClassificationd", "WriteFileMapping"}
 )
+#: Transforms that turn probabilities into class indices; a classification keeps probabilities
+#: (the model card's thresholds make the decision), so these are left out of its postprocessing.
+_DISCRETE_NAMES = frozenset({"AsDiscrete", "AsDiscreted"})
 
 
 class BundleError(ValueError):
@@ -63,6 +86,10 @@ class BundleError(ValueError):
 
 class SeriesGeometryError(ValueError):
     """The source datasets lack the geometry needed to place the prediction on their frames."""
+
+
+class InferenceOutOfMemory(RuntimeError):
+    """The device ran out of memory during inference; cached GPU memory has been released."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -82,18 +109,71 @@ def _writes_files(transform: object) -> bool:
     return type(transform).__name__ in _WRITER_NAMES
 
 
-def _without_writers(transform: Any) -> Any:
-    """``transform`` with every file-writing step dropped (recursing into nested Compose)."""
+def _without(transform: Any, names: frozenset[str]) -> Any:
+    """``transform`` with every step named in ``names`` dropped (recursing into Compose)."""
     if isinstance(transform, Compose):
         transform.transforms = [
-            _without_writers(t) for t in transform.transforms if not _writes_files(t)
+            _without(t, names) for t in transform.transforms if type(t).__name__ not in names
         ]
         return transform
-    return None if _writes_files(transform) else transform
+    return None if type(transform).__name__ in names else transform
+
+
+def _without_writers(transform: Any) -> Any:
+    """``transform`` with every file-writing step dropped (recursing into nested Compose)."""
+    return _without(transform, _WRITER_NAMES)
+
+
+def _tolerate_missing_keys(transform: Any) -> None:
+    """Let dictionary transforms skip keys that inference data lacks (a bundle's postprocessing
+    often also treats ``label``, which exists only when it evaluates against references)."""
+    if isinstance(transform, Compose):
+        for t in transform.transforms:
+            _tolerate_missing_keys(t)
+    elif isinstance(transform, MapTransform):
+        transform.allow_missing_keys = True
+
+
+@contextlib.contextmanager
+def _bundle_on_path(bundle_dir: Path) -> Any:
+    """``bundle_dir`` importable (its ``scripts`` package), without another bundle's cached."""
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        del sys.modules[name]
+    sys.path.insert(0, str(bundle_dir))
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(str(bundle_dir))
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _release_device_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def write_nifti(
+    volume_xyz: npt.NDArray[np.float32], affine_lps: npt.NDArray[np.float64], path: Path
+) -> Path:
+    """Write a volume indexed ``[x, y, z]`` with its voxel-to-LPS affine as NIfTI (RAS affine).
+
+    A volume with one slice and a 2D plan can be written 2D (``volume_xyz`` of shape (x, y)).
+    """
+    import nibabel as nib
+
+    image = nib.Nifti1Image(  # type: ignore[no-untyped-call]
+        np.asarray(volume_xyz), _LPS_FROM_RAS @ affine_lps
+    )
+    nib.save(image, str(path))
+    return path
 
 
 class BundleRunner:
-    """One MONAI bundle, loaded once, that segments DICOM series.
+    """One MONAI bundle, loaded once, that segments or classifies DICOM series.
 
     Not thread safe: use one runner per worker thread or process.
     """
@@ -101,9 +181,10 @@ class BundleRunner:
     def __init__(
         self,
         bundle_dir: Path,
-        device: str = "auto",
+        device: str | torch.device = "auto",
         *,
         overrides: Mapping[str, Any] | None = None,
+        task: str = "segmentation",
     ) -> None:
         """Parse the bundle's inference configuration and load its network and weights.
 
@@ -111,13 +192,16 @@ class BundleRunner:
         ``overrides`` sets configuration entries by id before anything is built, as
         ``monai.bundle run`` does with its keyword arguments (for example
         ``{"displayable_configs#highres": False}``); ``bundle_root`` and ``device`` are always set
-        by the runner.
+        by the runner. ``task`` ``"classification"`` keeps probabilities: the postprocessing's
+        discretising steps (``AsDiscreted``) are left out and its dictionary transforms skip keys
+        that inference data lacks (``label``).
         Raises :class:`BundleError` with the reason when the bundle folder, its configuration, its
         weights, or its ``preprocessing`` / ``inferer`` / ``network_def`` are missing or cannot be
         built, or when the weights do not fit the network.
         """
         self.bundle_dir = Path(bundle_dir).resolve()
-        self.device = resolve_device(device)
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.task = task
         if not self.bundle_dir.is_dir():
             raise BundleError(f"bundle folder {self.bundle_dir} does not exist")
         self.config_path = self._find_config()
@@ -136,14 +220,24 @@ class BundleRunner:
         for key in ("preprocessing", "inferer"):
             if key not in parser:
                 raise BundleError(f"{self.config_path} has no {key!r}")
-        self.image_key: str = str(self._parsed("image_key")) if "image_key" in parser else "image"
-        self.network = self._load_network()
-        self.preprocessing: Any = self._parsed("preprocessing")
-        self.inferer: Any = self._parsed("inferer")
-        self.postprocessing: Any = (
-            _without_writers(self._parsed("postprocessing")) if "postprocessing" in parser else None
+        started = time.monotonic()
+        with _bundle_on_path(self.bundle_dir):
+            self.image_key: str = (
+                str(self._parsed("image_key")) if "image_key" in parser else "image"
+            )
+            self.network = self._load_network()
+            self.preprocessing: Any = self._parsed("preprocessing")
+            self.inferer: Any = self._parsed("inferer")
+            post = self._parsed("postprocessing") if "postprocessing" in parser else None
+        post = _without_writers(post)
+        if task == "classification" and post is not None:
+            post = _without(post, _DISCRETE_NAMES)
+            _tolerate_missing_keys(post)
+        self.postprocessing: Any = post
+        self.load_seconds = time.monotonic() - started
+        log.info(
+            "loaded bundle %s on %s in %.2f s", self.bundle_dir.name, self.device, self.load_seconds
         )
-        log.info("loaded bundle %s on %s", self.bundle_dir.name, self.device)
 
     def _find_config(self) -> Path:
         for name in CONFIG_NAMES:
@@ -197,16 +291,24 @@ class BundleRunner:
             raise BundleError(f"bundle {self.bundle_dir} has no models/model.pt or models/model.ts")
         return network.to(self.device).eval()
 
-    def predict(self, series_dir: Path) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-        """Label volume of one series and its voxel-to-patient (LPS, mm) affine.
-
-        Runs preprocessing, inferer and (writer-free) postprocessing. A multi-channel output is
-        reduced with argmax over channels. Raises :class:`BundleError` when the bundle's output is
-        not a 3D MetaTensor with an affine.
+    def _infer(self, path: Path | str) -> MetaTensor:
+        """Preprocessing, inferer and (writer-free) postprocessing on what ``LoadImaged`` reads
+        at ``path``; the post-processed prediction. Raises :class:`InferenceOutOfMemory` when
+        the device runs out of memory (cached memory released), BundleError for unusable output.
         """
-        started = time.monotonic()
+        try:
+            return self._infer_unguarded(path)
+        except Exception as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            _release_device_memory(self.device)
+            raise InferenceOutOfMemory(
+                f"out of memory on {self.device} running {self.bundle_dir.name}: {exc}"
+            ) from exc
+
+    def _infer_unguarded(self, path: Path | str) -> MetaTensor:
         with torch.no_grad():
-            data = dict(self.preprocessing({self.image_key: str(series_dir)}))
+            data = dict(self.preprocessing({self.image_key: str(path)}))
             image = data[self.image_key]
             if not isinstance(image, MetaTensor):
                 raise BundleError("preprocessing did not produce a MetaTensor image")
@@ -225,12 +327,18 @@ class BundleRunner:
             meta = deepcopy(dict(image.meta))
             meta["affine"] = image.affine.clone()
             pred = MetaTensor(torch.as_tensor(output)[0].detach().float().cpu(), meta=meta)
+            del output, batch
             data[PRED_KEY] = pred
             if self.postprocessing is not None:
                 data = dict(self.postprocessing(data))
         result = data[PRED_KEY]
+        if not isinstance(result, torch.Tensor):
+            raise BundleError("postprocessing did not return the prediction as a tensor")
         if not isinstance(result, MetaTensor):
-            raise BundleError("postprocessing did not return the prediction as a MetaTensor")
+            result = MetaTensor(result)
+        return result
+
+    def _labels(self, result: MetaTensor) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
         array = result.detach().cpu()
         if array.ndim == 4:
             array = array[0] if array.shape[0] == 1 else torch.argmax(array, dim=0)
@@ -242,9 +350,72 @@ class BundleRunner:
             affine = _LPS_FROM_RAS @ affine
         elif space != "LPS":
             raise BundleError(f"prediction is in an unknown space {space!r}")
-        labels = np.rint(array.numpy()).astype(np.int64)
+        return np.rint(array.numpy()).astype(np.int64), affine
+
+    def predict(self, series_dir: Path) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        """Label volume of one series and its voxel-to-patient (LPS, mm) affine.
+
+        ``series_dir`` is anything the bundle's ``LoadImaged`` reads (a DICOM series folder, a
+        NIfTI file). Runs preprocessing, inferer and (writer-free) postprocessing. A
+        multi-channel output is reduced with argmax over channels. Raises :class:`BundleError`
+        when the bundle's output is not a 3D MetaTensor with an affine, and
+        :class:`InferenceOutOfMemory` when the device runs out of memory.
+        """
+        started = time.monotonic()
+        labels, affine = self._labels(self._infer(series_dir))
         log.debug("bundle %s predicted in %.2f s", self.bundle_dir.name, time.monotonic() - started)
         return labels, affine
+
+    def predict_volume(
+        self, volume_xyz: npt.NDArray[np.float32], affine_lps: npt.NDArray[np.float64]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+        """:meth:`predict` on a volume ``[x, y, z]`` with its voxel-to-LPS affine (via NIfTI)."""
+        with tempfile.TemporaryDirectory(prefix="pacs-agent-volume-") as tmp:
+            path = write_nifti(volume_xyz, affine_lps, Path(tmp) / "series.nii")
+            return self.predict(path)
+
+    def segment_series(
+        self, datasets: Sequence[Dataset], plan: VolumePlan
+    ) -> npt.NDArray[np.uint8]:
+        """Labels on the source frames of ``plan``, in the order of ``datasets``.
+
+        ``datasets`` are full single-frame datasets (pixel data included); ``plan`` comes from
+        :func:`pacs_agent.dicom.volume.plan_volume` on them. Returns uint8
+        ``(len(datasets), Rows, Columns)`` as :meth:`segment` does.
+        """
+        labels, affine = self.predict_volume(read_volume(datasets, plan), plan.affine)
+        return labels_on_frames(labels, affine, datasets)
+
+    def _probabilities(self, path: Path | str) -> npt.NDArray[np.float64]:
+        result = self._infer(path)
+        values = result.detach().cpu().float().reshape(-1)
+        if values.numel() == 0:
+            raise BundleError("the classification output is empty")
+        if float(values.min()) < -1e-4 or float(values.max()) > 1 + 1e-4:
+            # No activation in the bundle's postprocessing: logits.
+            values = torch.sigmoid(values) if values.numel() == 1 else torch.softmax(values, 0)
+        return np.asarray(values.numpy(), dtype=np.float64)
+
+    def classify_series(
+        self, datasets: Sequence[Dataset], plan: VolumePlan, *, per_image: bool = False
+    ) -> npt.NDArray[np.float64]:
+        """Class probabilities (one per output channel) for a series.
+
+        ``per_image`` false: the whole volume of ``plan`` is one input (a 2D image when the
+        plan has one frame). ``per_image`` true: each frame is classified as a 2D image and the
+        series gets, per class, the highest probability of its images. Raises BundleError for
+        an empty output and :class:`InferenceOutOfMemory` when the device runs out of memory.
+        """
+        volume = read_volume(datasets, plan)
+        with tempfile.TemporaryDirectory(prefix="pacs-agent-image-") as tmp:
+            if not per_image:
+                data = volume[:, :, 0] if plan.is_2d else volume
+                return self._probabilities(write_nifti(data, plan.affine, Path(tmp) / "s.nii"))
+            found: list[npt.NDArray[np.float64]] = []
+            for z in range(volume.shape[2]):
+                path = write_nifti(volume[:, :, z], plan.affine, Path(tmp) / f"i{z}.nii")
+                found.append(self._probabilities(path))
+        return np.asarray(np.max(np.stack(found), axis=0), dtype=np.float64)
 
     def segment(
         self, series_dir: Path, source_datasets: Sequence[Dataset]
