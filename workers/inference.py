@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydicom import Dataset, dcmread
-from sqlalchemy import delete, select
+from sqlalchemy import select
 
 from pacs_agent.catalog import ModelCard, load_catalog
 from pacs_agent.db.jobs import transition
-from pacs_agent.db.models import Finding, Instance, Job, Series, Study, utcnow
+from pacs_agent.db.models import Instance, Job, Series, Study, utcnow
 from pacs_agent.dicom.geometry import segment_results
 from pacs_agent.dicom.io import write_dataset
 from pacs_agent.dicom.seg import build_segmentation
@@ -26,6 +26,7 @@ from pacs_agent.dicom.sr import build_measurement_report
 from pacs_agent.domain.jobs import JobStatus
 from pacs_agent.domain.results import JobResult, ResultUIDs
 from pacs_agent.domain.uids import job_result_uids
+from pacs_agent.findings import replace_findings
 from pacs_agent.storage.spool import Spool
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ def run_inference_job(ctx: WorkerContext, job_id: int) -> str:
             job_id,
             JobStatus.SUCCEEDED,
             only_from=[JobStatus.RUNNING],
+            where=[Job.worker == ctx.name],  # not a run the sweeper gave to another worker
             finished_at=done,
             succeeded_at=done,
             updated_at=done,
@@ -144,23 +146,7 @@ def _produce(ctx: WorkerContext, job_id: int) -> dict[str, str | float | None]:
     write_dataset(sr, out_dir / sr_rel.name)
 
     with ctx.session_factory.begin() as session:
-        session.execute(delete(Finding).where(Finding.job_id == job_id))
-        for s in segments:
-            session.add(
-                Finding(
-                    job_id=job_id,
-                    segment_number=s.segment.number,
-                    label=s.segment.label,
-                    code_value=s.segment.type.value,
-                    code_scheme=s.segment.type.scheme,
-                    code_meaning=s.segment.type.meaning,
-                    detected=s.detected,
-                    voxel_count=s.voxel_count,
-                    volume_mm3=s.volume_mm3,
-                    mean_hu=s.mean_hu,
-                    flag=s.detected,
-                )
-            )
+        replace_findings(session, job_id, result)
     log.info(
         "job %d: %s on series %s: %d segment(s) detected",
         job_id,

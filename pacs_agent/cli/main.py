@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from pacs_agent.cli import findings as findings_cli
 from pacs_agent.cli import jobs as jobs_cli
 from pacs_agent.cli import models as models_cli
 from pacs_agent.cli.common import config_file_from, settings_from, setup_logging
@@ -143,6 +144,7 @@ def demo(
 # Command groups that live in their own modules.
 models_cli.register(app)
 jobs_cli.register(app)
+findings_cli.register(app)
 
 
 if __name__ == "__main__":
