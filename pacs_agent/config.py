@@ -216,6 +216,9 @@ class ModelsSettings(Section):
 class WorkerSettings(Section):
     device: str = "auto"
     """Inference device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    oom_cpu_fallback: bool = False
+    """After CUDA runs out of memory (memory released), run the job again on the CPU at once
+    instead of failing it (it is then retried later, like any transient error)."""
     concurrency: int = Field(1, ge=1)
     embedded: bool = True
     """``serve`` starts a worker subprocess for both queues (``--no-worker`` overrides)."""
