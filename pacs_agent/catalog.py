@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydicom import Dataset
 
 from pacs_agent.domain.results import AlgorithmSpec, CodedConcept, SegmentSpec
 from pacs_agent.domain.uids import device_uid
@@ -153,7 +154,7 @@ class AcceptsSpec:
     max_slices: int = 0
     gantry_tilt: bool = False
 
-    def rejects(self, attributes: Mapping[str, Any], num_images: int) -> str | None:
+    def rejects(self, attributes: Mapping[str, Any] | Dataset, num_images: int) -> str | None:
         """Why a series with these DICOM attributes (keyword -> value, from its first instance)
         and ``num_images`` image planes is outside the contract, or None when it is inside."""
 

@@ -19,7 +19,6 @@ from sqlalchemy import select
 from pacs_agent.catalog import ModelCard, load_catalog
 from pacs_agent.db.jobs import transition
 from pacs_agent.db.models import Instance, Job, Series, Study, utcnow
-from pacs_agent.dicom.geometry import segment_results
 from pacs_agent.dicom.io import write_dataset
 from pacs_agent.dicom.seg import build_segmentation
 from pacs_agent.dicom.sr import build_measurement_report
@@ -31,6 +30,7 @@ from pacs_agent.storage.spool import Spool
 
 if TYPE_CHECKING:
     from workers.celery_app import WorkerContext
+    from workers.runtime.series import ModelOutput
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,12 @@ class JobInputError(ValueError):
     """The job's input cannot be processed (a reason shown to the administrator)."""
 
 
-def _runner(ctx: WorkerContext, card: ModelCard):  # type: ignore[no-untyped-def]
-    from workers.runtime.bundle import BundleRunner
+def _run_model(ctx: WorkerContext, card: ModelCard, datasets: list[Dataset]) -> ModelOutput:
+    """The model's output on the series: runners cached per process (workers.runtime.series)."""
+    from workers.runtime.series import RunnerCache, run_model
 
-    key = f"{card.bundle_dir}:{card.version}"
-    if key not in ctx.runners:
-        ctx.runners[key] = BundleRunner(card.bundle_dir, device=ctx.settings.worker.device)
-    return ctx.runners[key]
+    cache = RunnerCache(ctx.runners, ctx.settings.worker.device)
+    return run_model(cache, card, datasets, oom_cpu_fallback=ctx.settings.worker.oom_cpu_fallback)
 
 
 def run_inference_job(ctx: WorkerContext, job_id: int) -> str:
@@ -116,23 +115,26 @@ def _produce(ctx: WorkerContext, job_id: int) -> dict[str, str | float | None]:
     if not paths:
         raise JobInputError("the series has no instances")
     card = load_catalog(settings.models_dir).get(model_name)
-    if card.task != "segmentation":
-        raise JobInputError(
-            f"model {card.name} is a {card.task} model; only segmentation runs in this version"
-        )
     t0 = time.monotonic()
     datasets: list[Dataset] = [dcmread(p) for p in paths]
     t1 = time.monotonic()
-    mask = _runner(ctx, card).segment(spool.series_dir(study_uid, series_uid), datasets)
+    output = _run_model(ctx, card, datasets)
+    mask, segments = output.mask, output.segments
     t2 = time.monotonic()
 
     uids = ResultUIDs(
         *job_result_uids(settings.uid_root, study_uid, series_uid, card.name, card.version)
     )
-    segments = segment_results(mask, datasets, card.segments)
-    result = JobResult(algorithm=card.algorithm(settings.uid_root), segments=segments, uids=uids)
-    seg = build_segmentation(
-        datasets, mask, result, include_empty=settings.export.include_empty_seg
+    result = JobResult(
+        algorithm=card.algorithm(settings.uid_root),
+        segments=segments,
+        uids=uids,
+        classifications=output.classifications,
+    )
+    seg = (
+        build_segmentation(datasets, mask, result, include_empty=settings.export.include_empty_seg)
+        if mask is not None
+        else None
     )
     sr = build_measurement_report(datasets, seg, result)
 
@@ -148,11 +150,13 @@ def _produce(ctx: WorkerContext, job_id: int) -> dict[str, str | float | None]:
     with ctx.session_factory.begin() as session:
         replace_findings(session, job_id, result)
     log.info(
-        "job %d: %s on series %s: %d segment(s) detected",
+        "job %d: %s on series %s (%s): %d segment(s) detected, %d finding(s) flagged",
         job_id,
         card.name,
         series_uid,
+        output.device,
         sum(1 for s in segments if s.detected),
+        sum(1 for c in output.classifications if c.flag),
     )
     return {
         "load_s": t1 - t0,

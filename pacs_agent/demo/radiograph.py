@@ -62,7 +62,7 @@ def make_radiograph(
         blob = np.exp(-(((x - nx) ** 2 + (y - ny) ** 2) / (2 * (radius * 0.7) ** 2)))
         image += rng.uniform(350, 600) * np.clip(blob * 1.6, 0, 1)
     image += rng.normal(0, rng.uniform(25, 40), size=image.shape)
-    return np.clip(np.rint(image), 0, _MAX).astype(np.uint16)
+    return np.asarray(np.clip(np.rint(image), 0, _MAX), dtype=np.uint16)
 
 
 def radiograph_dataset(
@@ -80,7 +80,9 @@ def radiograph_dataset(
     if modality not in ("CR", "DX"):
         raise ValueError(f"modality must be CR or DX, not {modality!r}")
     sop_class = (
-        ComputedRadiographyImageStorage if modality == "CR" else DigitalXRayImageStorageForPresentation
+        ComputedRadiographyImageStorage
+        if modality == "CR"
+        else DigitalXRayImageStorageForPresentation
     )
     entropy = ["pacs-agent synthetic radiograph v1", patient_id, seed]
     when = datetime.datetime(2024, 2, 1, 10, 0, 0)

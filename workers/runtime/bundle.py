@@ -28,7 +28,7 @@ root is put on ``sys.path`` while the configuration is built, and a ``scripts`` 
 from another bundle is dropped first.
 
 On CUDA the network runs under autocast (mixed precision). An out-of-memory error releases the
-cached GPU memory and raises :class:`InferenceOutOfMemory`, so the caller can fail the job with
+cached GPU memory and raises :class:`OutOfMemoryError`, so the caller can fail the job with
 that reason or retry on the CPU.
 """
 
@@ -58,7 +58,7 @@ __all__ = [
     "CONFIG_NAMES",
     "BundleError",
     "BundleRunner",
-    "InferenceOutOfMemory",
+    "OutOfMemoryError",
     "SeriesGeometryError",
     "labels_on_frames",
     "resolve_device",
@@ -88,8 +88,12 @@ class SeriesGeometryError(ValueError):
     """The source datasets lack the geometry needed to place the prediction on their frames."""
 
 
-class InferenceOutOfMemory(RuntimeError):
-    """The device ran out of memory during inference; cached GPU memory has been released."""
+class OutOfMemoryError(RuntimeError):
+    """The device ran out of memory during inference; cached GPU memory has been released.
+
+    Named like ``torch.cuda.OutOfMemoryError`` on purpose: the job outcome
+    (``workers.outcome.is_transient``) recognises both by name as a transient error.
+    """
 
 
 def resolve_device(device: str) -> torch.device:
@@ -293,7 +297,7 @@ class BundleRunner:
 
     def _infer(self, path: Path | str) -> MetaTensor:
         """Preprocessing, inferer and (writer-free) postprocessing on what ``LoadImaged`` reads
-        at ``path``; the post-processed prediction. Raises :class:`InferenceOutOfMemory` when
+        at ``path``; the post-processed prediction. Raises :class:`OutOfMemoryError` when
         the device runs out of memory (cached memory released), BundleError for unusable output.
         """
         try:
@@ -302,7 +306,7 @@ class BundleRunner:
             if not _is_out_of_memory(exc):
                 raise
             _release_device_memory(self.device)
-            raise InferenceOutOfMemory(
+            raise OutOfMemoryError(
                 f"out of memory on {self.device} running {self.bundle_dir.name}: {exc}"
             ) from exc
 
@@ -359,7 +363,7 @@ class BundleRunner:
         NIfTI file). Runs preprocessing, inferer and (writer-free) postprocessing. A
         multi-channel output is reduced with argmax over channels. Raises :class:`BundleError`
         when the bundle's output is not a 3D MetaTensor with an affine, and
-        :class:`InferenceOutOfMemory` when the device runs out of memory.
+        :class:`OutOfMemoryError` when the device runs out of memory.
         """
         started = time.monotonic()
         labels, affine = self._labels(self._infer(series_dir))
@@ -404,7 +408,7 @@ class BundleRunner:
         ``per_image`` false: the whole volume of ``plan`` is one input (a 2D image when the
         plan has one frame). ``per_image`` true: each frame is classified as a 2D image and the
         series gets, per class, the highest probability of its images. Raises BundleError for
-        an empty output and :class:`InferenceOutOfMemory` when the device runs out of memory.
+        an empty output and :class:`OutOfMemoryError` when the device runs out of memory.
         """
         volume = read_volume(datasets, plan)
         with tempfile.TemporaryDirectory(prefix="pacs-agent-image-") as tmp:

@@ -81,22 +81,16 @@ class ClsBundleSpec:
         return torch.as_tensor(out, dtype=torch.float32)
 
 
-def make_set(
-    spec: ClsBundleSpec, count: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def make_set(spec: ClsBundleSpec, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` images (half with the finding, shuffled) and their 0/1 labels."""
     rng = np.random.default_rng(seed)
     labels = np.array([i % 2 for i in range(count)])
     rng.shuffle(labels)
-    images = torch.stack(
-        [spec.image_tensor(rng, bool(label), i) for i, label in enumerate(labels)]
-    )
+    images = torch.stack([spec.image_tensor(rng, bool(label), i) for i, label in enumerate(labels)])
     return images, torch.from_numpy(labels.astype(np.int64))
 
 
-def evaluate(
-    spec: ClsBundleSpec, model: torch.nn.Module, count: int = 200
-) -> tuple[float, float]:
+def evaluate(spec: ClsBundleSpec, model: torch.nn.Module, count: int = 200) -> tuple[float, float]:
     """Accuracy and ROC AUC (finding class) on a held-out set."""
     images, labels = make_set(spec, count, HELD_OUT_SEED)
     model.eval()
