@@ -194,7 +194,10 @@ class RoutingRule(Section):
 
 
 def _default_rules() -> list[RoutingRule]:
-    return [RoutingRule(name="ct-demo", modality=["CT"], models=["demo_ct_blob_seg"])]
+    return [
+        RoutingRule(name="ct-demo", modality=["CT"], models=["demo_ct_blob_seg"]),
+        RoutingRule(name="cr-dx-demo", modality=["CR", "DX"], models=["demo_cr_nodule_cls"]),
+    ]
 
 
 class ModelTimeLimits(Section):
