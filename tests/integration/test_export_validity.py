@@ -1,0 +1,222 @@
+"""Every object the project emits is valid DICOM: zero dciodvfy errors, a round trip through
+highdicom's readers (SEG masks back on their source instances), and dsrdump reads the SR.
+
+The objects are made the way the inference worker makes them (segment_results, deterministic
+UIDs, build_segmentation, build_measurement_report) from real model outputs: the demo
+segmentation bundle on a synthetic CT study and on the real JPEG 2000 CT, the unchanged Model
+Zoo spleen bundle (seeded random weights: no pretrained weights can be downloaded here) on the
+real CT, and a classification result on the real CT.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from pydicom import Dataset
+
+from pacs_agent.catalog import read_card
+from pacs_agent.demo.synthetic import make_ct_study_with_truth
+from pacs_agent.dicom.geometry import segment_results
+from pacs_agent.dicom.io import write_dataset
+from pacs_agent.dicom.seg import build_segmentation
+from pacs_agent.dicom.sr import build_measurement_report
+from pacs_agent.domain.results import (
+    AlgorithmSpec,
+    ClassificationResult,
+    CodedConcept,
+    JobResult,
+    ResultUIDs,
+    SegmentSpec,
+)
+from pacs_agent.domain.uids import device_uid, job_result_uids
+from tests.helpers.dicom_results import dciodvfy_errors, dsrdump
+from tests.helpers.realct import REAL_CT_DIR, repair_real_ct
+from workers.runtime.bundle import BundleRunner
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_BUNDLE = ROOT / "workers" / "bundles" / "demo_ct_blob_seg"
+SPLEEN_BUNDLE = ROOT.parent / "shared" / "model-zoo" / "spleen_ct_segmentation"
+#: A configured UID root other than 2.25, so that every derived UID is seen to use it.
+UID_ROOT = "1.2.826.0.1.3680043.8.498"
+
+SPLEEN = SegmentSpec(
+    1,
+    "spleen",
+    CodedConcept("123037004", "SCT", "Anatomical Structure"),
+    CodedConcept("78961009", "SCT", "Spleen"),
+)
+
+
+def _uids(sources: Sequence[Dataset], model: AlgorithmSpec) -> ResultUIDs:
+    return ResultUIDs(
+        *job_result_uids(
+            UID_ROOT,
+            str(sources[0].StudyInstanceUID),
+            str(sources[0].SeriesInstanceUID),
+            model.name,
+            model.version,
+        )
+    )
+
+
+def _emit(
+    sources: Sequence[Dataset],
+    mask: np.ndarray | None,
+    model: AlgorithmSpec,
+    specs: Sequence[SegmentSpec],
+    out: Path,
+    classifications: tuple[ClassificationResult, ...] = (),
+) -> tuple[Path | None, Path, JobResult]:
+    segments = segment_results(mask, sources, specs) if mask is not None else ()
+    result = JobResult(
+        algorithm=model,
+        segments=segments,
+        uids=_uids(sources, model),
+        classifications=classifications,
+    )
+    seg = build_segmentation(sources, mask, result) if mask is not None else None
+    sr = build_measurement_report(sources, seg, result)
+    seg_path = write_dataset(seg, out / "seg.dcm") if seg is not None else None
+    return seg_path, write_dataset(sr, out / "sr.dcm"), result
+
+
+def _assert_seg_valid(path: Path, sources: Sequence[Dataset], mask: np.ndarray) -> None:
+    errors, _ = dciodvfy_errors(path)
+    assert errors == []
+    seg = hd.seg.segread(path)
+    assert seg.SeriesInstanceUID.startswith(UID_ROOT + ".")
+    assert all(str(item.TrackingUID).startswith(UID_ROOT + ".") for item in seg.SegmentSequence)
+    numbers = [int(item.SegmentNumber) for item in seg.SegmentSequence]
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in sources],
+        segment_numbers=numbers,
+        combine_segments=True,
+    )
+    np.testing.assert_array_equal(pixels > 0, mask > 0)
+
+
+def _assert_sr_valid(path: Path, result: JobResult) -> hd.sr.MeasurementReport:
+    errors, _ = dciodvfy_errors(path)
+    assert errors == []
+    dump = dsrdump(path)
+    assert dump.returncode == 0, dump.stderr
+    assert "Imaging Measurement Report" in dump.stdout
+    sr = hd.sr.srread(path)
+    assert isinstance(sr, hd.sr.Comprehensive3DSR)
+    assert sr.SOPInstanceUID == result.uids.sr_sop_uid
+    assert sr.SeriesDescription.startswith("AI SR: ")
+    (item,) = [i for i in sr.ContributingEquipmentSequence if "DeviceUID" in i]
+    assert item.DeviceUID == result.algorithm.device_uid
+    content = sr.content
+    assert isinstance(content, hd.sr.MeasurementReport)
+    return content
+
+
+@pytest.fixture(scope="module")
+def real_ct(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Dataset]]:
+    if not REAL_CT_DIR.is_dir():
+        pytest.fail(f"real CT test data missing at {REAL_CT_DIR}")
+    folder = tmp_path_factory.mktemp("realct")
+    paths = repair_real_ct(REAL_CT_DIR, folder)
+    return folder, [pydicom.dcmread(p) for p in paths]
+
+
+def test_demo_bundle_objects_on_a_synthetic_study_are_valid(tmp_path: Path) -> None:
+    folder = tmp_path / "study"
+    sources, _ = make_ct_study_with_truth(folder, seed=2024)
+    card = read_card(DEMO_BUNDLE)
+    mask = BundleRunner(DEMO_BUNDLE, device="cpu").segment(folder, sources)
+    assert mask.any()
+    full = [pydicom.dcmread(path) for path in sorted(folder.glob("CT*.dcm"))]
+    assert [ds.SOPInstanceUID for ds in full] == [ds.SOPInstanceUID for ds in sources]
+    seg_path, sr_path, result = _emit(full, mask, card.algorithm(UID_ROOT), card.segments, tmp_path)
+    assert seg_path is not None
+    _assert_seg_valid(seg_path, full, mask)
+    content = _assert_sr_valid(sr_path, result)
+    (group,) = content.get_volumetric_roi_measurement_groups()
+    (volume,) = group.get_measurements(name=hd.sr.CodedConcept("118565006", "SCT", "Volume"))
+    assert float(volume.value) == pytest.approx(result.segments[0].volume_mm3)
+
+
+def test_spleen_bundle_objects_on_the_real_ct_are_valid(
+    tmp_path: Path, real_ct: tuple[Path, list[Dataset]]
+) -> None:
+    folder, sources = real_ct
+    bundle = tmp_path / "spleen_ct_segmentation"
+    bundle.mkdir()
+    (bundle / "configs").symlink_to(SPLEEN_BUNDLE / "configs", target_is_directory=True)
+    parser = ConfigParser()
+    parser.read_config(str(SPLEEN_BUNDLE / "configs" / "inference.json"))
+    torch.manual_seed(0)
+    (bundle / "models").mkdir()
+    torch.save(
+        parser.get_parsed_content("network_def").state_dict(), bundle / "models" / "model.pt"
+    )
+    version = json.loads((SPLEEN_BUNDLE / "configs" / "metadata.json").read_text())["version"]
+    model = AlgorithmSpec(
+        name="spleen_ct_segmentation",
+        version=version,
+        device_uid=device_uid(UID_ROOT, "spleen_ct_segmentation", version),
+    )
+    mask = BundleRunner(bundle, device="cpu").segment(folder, sources)
+    assert mask.shape == (20, 512, 512)
+    # Random weights label some voxels; if none were, the test would only see the empty path.
+    assert mask.any()
+    seg_path, sr_path, result = _emit(sources, mask, model, [SPLEEN], tmp_path)
+    assert seg_path is not None
+    _assert_seg_valid(seg_path, sources, mask)
+    content = _assert_sr_valid(sr_path, result)
+    (group,) = content.get_volumetric_roi_measurement_groups()
+    (hu,) = group.get_measurements(
+        name=hd.sr.CodedConcept("112031", "DCM", "Attenuation Coefficient")
+    )
+    assert result.segments[0].mean_hu is not None
+    assert float(hu.value) == pytest.approx(result.segments[0].mean_hu)
+
+
+def test_a_demo_model_result_with_nothing_found_on_the_real_ct_emits_a_valid_not_detected_sr(
+    tmp_path: Path, real_ct: tuple[Path, list[Dataset]]
+) -> None:
+    _, sources = real_ct
+    card = read_card(DEMO_BUNDLE)
+    empty = np.zeros((len(sources), 512, 512), dtype=np.uint8)
+    seg_path, sr_path, result = _emit(
+        sources, empty, card.algorithm(UID_ROOT), card.segments, tmp_path
+    )
+    assert seg_path is None
+    _assert_sr_valid(sr_path, result)
+    dump = dsrdump(sr_path).stdout
+    assert "Absent" in dump
+
+
+def test_classification_sr_on_the_real_ct_is_valid(
+    tmp_path: Path, real_ct: tuple[Path, list[Dataset]]
+) -> None:
+    _, sources = real_ct
+    model = AlgorithmSpec(
+        name="demo_cr_nodule_cls",
+        version="0.1.0",
+        device_uid=device_uid(UID_ROOT, "demo_cr_nodule_cls", "0.1.0"),
+    )
+    findings = (
+        ClassificationResult(CodedConcept("27925004", "SCT", "Nodule"), "nodule", 0.83, 0.5),
+        ClassificationResult(
+            CodedConcept("36118008", "SCT", "Pneumothorax"), "pneumothorax", 0.04, 0.5
+        ),
+    )
+    seg_path, sr_path, result = _emit(sources, None, model, [], tmp_path, findings)
+    assert seg_path is None
+    content = _assert_sr_valid(sr_path, result)
+    groups = content.get_image_measurement_groups()
+    assert len(groups) == 2
+    assert all(str(g.tracking_uid).startswith(UID_ROOT + ".") for g in groups)
