@@ -7,6 +7,7 @@ SQLite file (one test runs on PostgreSQL).
 
 from __future__ import annotations
 
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -330,3 +331,75 @@ def test_export_skips_a_job_that_is_not_exporting(env: Env) -> None:
     settings = _settings(env.settings_dir, [])
     assert export_job(settings, env.sf, env.job_id) == f"skipped: job {env.job_id} is cancelled"
     assert LIVER_CT_DIR.is_dir()
+
+
+def _self_signed(folder: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (openssl), and its key."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_export_over_dicom_tls_verifies_the_pacs_certificate(env: Env, tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path / "tls", "pacs")
+    other, _ = _self_signed(tmp_path / "tls", "other")
+    pacs = Orthanc(
+        workdir=tmp_path / "tls-pacs",
+        dicom_port=free_port(),
+        http_port=free_port(),
+        extra_config={
+            "DicomTlsEnabled": True,
+            "DicomTlsCertificate": str(cert),
+            "DicomTlsPrivateKey": str(key),
+            "DicomTlsTrustedCertificates": str(cert),
+            "DicomTlsRemoteCertificateRequired": False,
+        },
+    )
+    pacs.start()
+    try:
+        # A CA that did not sign the PACS certificate: the handshake fails, nothing is sent.
+        untrusted = _settings(
+            env.settings_dir,
+            [{**_dicom(pacs, "tls"), "tls": True, "tls_ca": str(other)}],
+            max_attempts=1,
+        )
+        assert export_job(untrusted, env.sf, env.job_id) == "export_failed"
+        assert "(TLS)" in (_job(env.sf, env.job_id).reason or "")
+        assert _study_instances(pacs, env.results.study_uid) == 0
+        # Plain DICOM to a TLS port fails as well.
+        assert requeue_export(env.sf, env.job_id, utcnow())
+        plain = _settings(env.settings_dir, [_dicom(pacs, "tls")], max_attempts=1)
+        assert export_job(plain, env.sf, env.job_id) == "export_failed"
+        # The right CA: stored.
+        assert requeue_export(env.sf, env.job_id, utcnow())
+        trusted = _settings(
+            env.settings_dir,
+            [{**_dicom(pacs, "tls"), "tls": True, "tls_ca": str(cert)}],
+        )
+        assert export_job(trusted, env.sf, env.job_id) == "exported"
+        assert _held(pacs, env.results.seg_uid) == 1
+        assert _held(pacs, env.results.sr_uid) == 1
+    finally:
+        pacs.stop()
