@@ -6,11 +6,11 @@ of two workers racing for a job, exactly one sees a row count of 1.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import CursorResult, func, select, update
+from sqlalchemy import ColumnElement, CursorResult, func, select, update
 from sqlalchemy.orm import Session
 
 from pacs_agent.db.models import Instance, Job, Series, Study
@@ -24,18 +24,20 @@ def transition(
     to: JobStatus,
     *,
     only_from: Iterable[JobStatus] | None = None,
+    where: Sequence[ColumnElement[bool]] = (),
     **values: Any,
 ) -> bool:
     """Move job ``job_id`` to ``to`` if its current state allows it; True if it moved.
 
-    ``only_from`` narrows the allowed source states further (it never widens them).
+    ``only_from`` narrows the allowed source states further (it never widens them);
+    ``where`` adds conditions (a worker ends only the run it holds: ``Job.worker == me``).
     """
     sources = set(sources_of(to))
     if only_from is not None:
         sources &= set(only_from)
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status.in_([s.value for s in sources]))
+        .where(Job.id == job_id, Job.status.in_([s.value for s in sources]), *where)
         .values(status=to.value, **values)
         .execution_options(synchronize_session=False)
     )

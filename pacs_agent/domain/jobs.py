@@ -29,7 +29,7 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     S.SUCCEEDED: frozenset({S.EXPORTING, S.SUPERSEDED}),
     S.EXPORTING: frozenset({S.EXPORTED, S.EXPORT_FAILED, S.EXPORTING}),
     S.EXPORTED: frozenset({S.EXPORTING, S.SUPERSEDED}),
-    S.FAILED: frozenset({S.QUEUED, S.CANCELLED, S.SUPERSEDED}),
+    S.FAILED: frozenset({S.PENDING, S.QUEUED, S.CANCELLED, S.SUPERSEDED}),
     S.EXPORT_FAILED: frozenset({S.EXPORTING, S.CANCELLED, S.SUPERSEDED}),
     S.CANCELLED: frozenset({S.QUEUED}),
     S.SUPERSEDED: frozenset(),
