@@ -7,6 +7,7 @@ SQLite file (one test runs on PostgreSQL).
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -403,3 +404,39 @@ def test_export_over_dicom_tls_verifies_the_pacs_certificate(env: Env, tmp_path:
         assert _held(pacs, env.results.sr_uid) == 1
     finally:
         pacs.stop()
+
+
+def test_a_hung_pacs_killed_and_restarted_on_its_storage_ends_exported_without_duplicates(
+    env: Env, orthanc: Orthanc
+) -> None:
+    settings = _settings(env.settings_dir, [_dicom(orthanc)], max_attempts=30, timeout_s=2)
+    assert export_job(settings, env.sf, env.job_id) == "exported"
+    # The PACS hangs (SIGSTOP: connections are accepted by the kernel, never answered), the
+    # job's export starts again, and the PACS is then killed hard and started again.
+    assert orthanc.proc is not None
+    orthanc.proc.send_signal(signal.SIGSTOP)
+    with env.sf.begin() as s:
+        job = s.get(Job, env.job_id)
+        assert job is not None
+        job.status = JobStatus.EXPORTING.value
+        job.started_at = utcnow()
+    outcome: list[str] = []
+    worker = threading.Thread(
+        target=lambda: outcome.append(export_job(settings, env.sf, env.job_id)), daemon=True
+    )
+    worker.start()
+    try:
+        wait_for(
+            lambda: any(r.status == "failed" for r in _attempts(env.sf, env.job_id)),
+            30,
+            "a failed attempt while the PACS hangs",
+        )
+    finally:
+        orthanc.proc.kill()
+        orthanc.proc.wait()
+    orthanc.start()
+    worker.join(60)
+    assert outcome == ["exported"]
+    assert _held(orthanc, env.results.seg_uid) == 1
+    assert _held(orthanc, env.results.sr_uid) == 1
+    assert _study_instances(orthanc, env.results.study_uid) == 2
