@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -203,8 +204,24 @@ def export_job(
         if job is None or job.status != JobStatus.EXPORTING.value:
             return f"skipped: job {job_id} is {job.status if job else 'missing'}"
         paths = [settings.results_dir / p for p in (job.seg_path, job.sr_path) if p]
-        files = [_File(p, str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)) for p in paths]
         sent = {d.name: _already_sent(session, job, d.name) for d in settings.export.destinations}
+    try:
+        files = [_File(p, str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)) for p in paths]
+    except (OSError, InvalidDicomError, AttributeError) as exc:
+        reason = f"result file unreadable: {type(exc).__name__}: {exc}"
+        done = now()
+        with session_factory.begin() as session:
+            transition(
+                session,
+                job_id,
+                JobStatus.EXPORT_FAILED,
+                only_from=[JobStatus.EXPORTING],
+                reason=reason[:2000],
+                updated_at=done,
+                finished_at=done,
+            )
+        log.error("job %d: %s", job_id, reason)
+        return "export_failed"
     errors: list[str] = []
     for destination in settings.export.destinations:
         pending = [f for f in files if f.sop_instance_uid not in sent[destination.name]]

@@ -440,3 +440,15 @@ def test_a_hung_pacs_killed_and_restarted_on_its_storage_ends_exported_without_d
     assert _held(orthanc, env.results.seg_uid) == 1
     assert _held(orthanc, env.results.sr_uid) == 1
     assert _study_instances(orthanc, env.results.study_uid) == 2
+
+
+def test_a_missing_result_file_ends_export_failed_with_the_reason(
+    env: Env, orthanc: Orthanc
+) -> None:
+    (env.settings_dir / "results" / env.results.sr_rel).unlink()
+    settings = _settings(env.settings_dir, [_dicom(orthanc)])
+    assert export_job(settings, env.sf, env.job_id) == "export_failed"
+    job = _job(env.sf, env.job_id)
+    assert job.reason is not None
+    assert job.reason.startswith("result file unreadable: FileNotFoundError")
+    assert _study_instances(orthanc, env.results.study_uid) == 0
