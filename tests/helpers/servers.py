@@ -5,6 +5,7 @@ Every server listens on a free loopback port chosen per test; nothing here is a 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -61,6 +62,8 @@ class Orthanc:
     dicomweb: bool = False
     #: Extra keys of Orthanc's configuration (DICOM TLS, ...).
     extra_config: dict[str, Any] = field(default_factory=dict)
+    #: HTTP basic authentication (user, password): Orthanc then refuses anonymous requests.
+    http_user: tuple[str, str] | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -85,7 +88,8 @@ class Orthanc:
             "StorageDirectory": str(storage),
             "IndexDirectory": str(storage),
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": self.http_user is not None,
+            "RegisteredUsers": dict([self.http_user]) if self.http_user else {},
             "DicomModalities": self.modalities,
             "DicomScpTimeout": 30,
             "StableAge": 1,
@@ -130,9 +134,11 @@ class Orthanc:
         body: bytes | None = None,
         content_type: str = "application/json",
     ) -> Any:
-        req = urllib.request.Request(
-            self.url + path, data=body, method=method, headers={"Content-Type": content_type}
-        )
+        headers = {"Content-Type": content_type}
+        if self.http_user is not None:
+            token = base64.b64encode(f"{self.http_user[0]}:{self.http_user[1]}".encode()).decode()
+            headers["Authorization"] = f"Basic {token}"
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
         with urllib.request.urlopen(req, timeout=120) as rsp:
             data = rsp.read()
         if not data:

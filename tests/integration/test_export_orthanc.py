@@ -452,3 +452,36 @@ def test_a_missing_result_file_ends_export_failed_with_the_reason(
     assert job.reason is not None
     assert job.reason.startswith("result file unreadable: FileNotFoundError")
     assert _study_instances(orthanc, env.results.study_uid) == 0
+
+
+def test_stow_rs_authenticates_with_http_basic_and_a_wrong_password_is_refused(
+    env: Env, tmp_path: Path
+) -> None:
+    pacs = Orthanc(
+        workdir=tmp_path / "auth-pacs",
+        dicom_port=free_port(),
+        http_port=free_port(),
+        dicomweb=True,
+        http_user=("agent", "s3cret"),
+    )
+    pacs.start()
+    try:
+
+        def web(password: str) -> dict[str, Any]:
+            return {
+                "kind": "dicomweb",
+                "name": "web",
+                "url": pacs.dicomweb_url,
+                "username": "agent",
+                "password": password,
+            }
+
+        wrong = _settings(env.settings_dir, [web("wrong")], max_attempts=1)
+        assert export_job(wrong, env.sf, env.job_id) == "export_failed"
+        assert "HTTP 401" in (_job(env.sf, env.job_id).reason or "")
+        assert requeue_export(env.sf, env.job_id, utcnow())
+        right = _settings(env.settings_dir, [web("s3cret")], max_attempts=1)
+        assert export_job(right, env.sf, env.job_id) == "exported"
+        assert _study_instances(pacs, env.results.study_uid) == 2
+    finally:
+        pacs.stop()
