@@ -351,33 +351,30 @@ def evaluate(
     }
     if card.task == "classification":
         report["findings"] = []
-        for spec in card.findings:
-            scores = classification_scores(
-                probabilities[spec.label], expected[spec.label], spec.threshold
-            )
-            report["findings"].append({"label": spec.label, **scores})
-            if expected[spec.label]:
-                fpr, tpr = roc_curve(
-                    np.asarray(probabilities[spec.label]), np.asarray(expected[spec.label])
-                )
-                name = f"roc_{spec.label.lower().replace(' ', '_')}.png"
-                _plot_roc(spec.label, fpr, tpr, scores["roc_auc"], card.name, out_dir / name)
+        for finding in card.findings:
+            label = finding.label
+            scores = classification_scores(probabilities[label], expected[label], finding.threshold)
+            report["findings"].append({"label": label, **scores})
+            if expected[label]:
+                fpr, tpr = roc_curve(np.asarray(probabilities[label]), np.asarray(expected[label]))
+                name = f"roc_{label.lower().replace(' ', '_')}.png"
+                _plot_roc(label, fpr, tpr, scores["roc_auc"], card.name, out_dir / name)
                 report["plots"].append(name)
     else:
         report["labels"] = []
         for spec in card.segments:
             scored = [c["scores"][spec.label] for c in cases if "scores" in c]
-            dice = [s["dice"] for s in scored]
-            hd95 = [s["hd95_mm"] for s in scored if s["hd95_mm"] is not None]
+            dices = [float(s["dice"]) for s in scored]
+            hd95s = [float(s["hd95_mm"]) for s in scored if s["hd95_mm"] is not None]
             report["labels"].append(
                 {
                     "label": spec.label,
                     "number": spec.number,
                     "cases": len(scored),
-                    "dice_mean": float(np.mean(dice)) if dice else None,
-                    "dice_median": float(np.median(dice)) if dice else None,
-                    "hd95_mm_mean": float(np.mean(hd95)) if hd95 else None,
-                    "hd95_mm_median": float(np.median(hd95)) if hd95 else None,
+                    "dice_mean": float(np.mean(dices)) if dices else None,
+                    "dice_median": float(np.median(dices)) if dices else None,
+                    "hd95_mm_mean": float(np.mean(hd95s)) if hd95s else None,
+                    "hd95_mm_median": float(np.median(hd95s)) if hd95s else None,
                 }
             )
         if any("scores" in c for c in cases):
