@@ -1,0 +1,126 @@
+"""Model cards and the catalog: what a card says, and what validation says is wrong, and where."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pacs_agent.catalog import CatalogError, load_catalog, read_card
+from pacs_agent.cli.main import app
+
+BUNDLES = Path(__file__).resolve().parents[2] / "workers" / "bundles"
+
+
+def _bundle(root: Path, name: str, card: str, channels: int = 2) -> Path:
+    bundle = root / name
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    (bundle / "configs" / "inference.json").write_text("{}")
+    meta = {"network_data_format": {"outputs": {"pred": {"num_channels": channels}}}}
+    (bundle / "configs" / "metadata.json").write_text(json.dumps(meta))
+    (bundle / "models" / "model.pt").write_bytes(b"")
+    (bundle / "pacs-agent.toml").write_text(textwrap.dedent(card))
+    return bundle
+
+
+CLASSIFIER = """
+    [model]
+    name = "{name}"
+    version = "1.0"
+    task = "classification"
+    [accepts]
+    modality = ["cr", "DX"]
+    [[findings]]
+    index = 1
+    label = "Nodule"
+    code = {{ value = "27925004", scheme = "SCT", meaning = "Nodule" }}
+    threshold = {threshold}
+"""
+
+
+def test_shipped_demo_bundles_form_a_valid_catalog() -> None:
+    catalog = load_catalog(BUNDLES)
+    assert catalog.errors == ()
+    seg, cls = catalog.get("demo_ct_blob_seg"), catalog.get("demo_cr_nodule_cls")
+    assert (seg.task, cls.task) == ("segmentation", "classification")
+    assert not seg.clinical_use and not cls.clinical_use
+    assert cls.accepts.modality == ("CR", "DX")
+    assert cls.findings[0].code.value == "27925004" and cls.findings[0].threshold == 0.5
+    assert cls.input == "image"
+    assert (BUNDLES / "demo_cr_nodule_cls" / "models" / "model.pt").stat().st_size < 20 * 2**20
+    meta = json.loads((BUNDLES / "demo_cr_nodule_cls" / "configs" / "metadata.json").read_text())
+    assert "not for clinical use" in meta["description"]
+
+
+def test_card_reads_accepts_thresholds_and_overrides(tmp_path: Path) -> None:
+    card = read_card(_bundle(tmp_path, "m", CLASSIFIER.format(name="m", threshold=0.3)))
+    assert card.accepts.rejects({"Modality": "CT"}, 1) == "Modality CT is not one of ['CR', 'DX']"
+    assert card.accepts.rejects({"Modality": "dx"}, 1) is None
+    assert card.as_dict()["findings"][0]["threshold"] == 0.3
+
+
+@pytest.mark.parametrize(
+    ("card", "message"),
+    [
+        (CLASSIFIER.format(name="m", threshold=1.5), r"findings\[0\]\.threshold: .*less than or"),
+        (CLASSIFIER.format(name="bad name!", threshold=0.5), r"model\.name: .*letters, digits"),
+        (
+            CLASSIFIER.format(name="m", threshold=0.5).replace("index = 1", "index = 2"),
+            r"findings\.index 2 is beyond the bundle's output: .* 2 channel",
+        ),
+        (
+            CLASSIFIER.format(name="m", threshold=0.5).replace("[[findings]]", "[[segments]]"),
+            r"segments\[0\]",
+        ),
+        (
+            "[model]\nname = 'm'\nversion = '1'\ntask = 'segmentation'\n",
+            "segmentation model needs at least one",
+        ),
+        ("[model\n", "not valid TOML"),
+        (CLASSIFIER.format(name="m", threshold=0.5) + "\n[accepts2]\n", r"accepts2: Extra inputs"),
+    ],
+)
+def test_invalid_card_says_what_and_where(tmp_path: Path, card: str, message: str) -> None:
+    bundle = _bundle(tmp_path, "m", card)
+    with pytest.raises(CatalogError, match=message) as info:
+        read_card(bundle)
+    assert str(bundle / "pacs-agent.toml") in str(info.value)
+
+
+def test_bundle_without_weights_is_reported(tmp_path: Path) -> None:
+    bundle = _bundle(tmp_path, "m", CLASSIFIER.format(name="m", threshold=0.5))
+    (bundle / "models" / "model.pt").unlink()
+    with pytest.raises(CatalogError, match=r"weights missing \(models/model\.pt or models/model"):
+        read_card(bundle)
+
+
+def test_models_validate_json_lists_good_models_and_errors_with_exit_status_1(
+    tmp_path: Path,
+) -> None:
+    shutil.copytree(BUNDLES / "demo_cr_nodule_cls", tmp_path / "demo_cr_nodule_cls")
+    _bundle(tmp_path, "broken", CLASSIFIER.format(name="broken", threshold=7))
+    result = CliRunner().invoke(app, ["models", "validate", str(tmp_path), "--json"])
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert [m["name"] for m in report["models"]] == ["demo_cr_nodule_cls"]
+    assert report["models"][0]["accepts"]["modality"] == ["CR", "DX"]
+    assert len(report["errors"]) == 1 and "broken" in report["errors"][0]
+    assert "findings[0].threshold" in report["errors"][0]
+
+
+def test_models_list_json_shows_the_shipped_demo_models(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PACS_AGENT_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("PACS_AGENT_MODELS__DIRECTORY", raising=False)
+    monkeypatch.delenv("PACS_AGENT_CONFIG", raising=False)
+    result = CliRunner().invoke(app, ["models", "list", "--json"])
+    assert result.exit_code == 0, result.output
+    names = {m["name"]: m for m in json.loads(result.stdout)["models"]}
+    assert set(names) >= {"demo_ct_blob_seg", "demo_cr_nodule_cls"}
+    assert names["demo_ct_blob_seg"]["segments"][0]["type"]["meaning"] == "Mass"
