@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import Connection, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -61,8 +66,10 @@ class StoredFile:
 
 
 def find_instance_digest(session_factory: sessionmaker[Session], sop_uid: str) -> str | None:
-    with session_factory() as session:
-        return session.scalar(select(Instance.sha256).where(Instance.sop_instance_uid == sop_uid))
+    """The digest of the indexed instance ``sop_uid``, or None (Core: once per C-STORE)."""
+    with session_factory.kw["bind"].connect() as conn:
+        value = conn.scalar(select(Instance.sha256).where(Instance.sop_instance_uid == sop_uid))
+    return str(value) if value is not None else None
 
 
 def index_instance(
@@ -82,77 +89,255 @@ def index_instance(
     for attempt in (1, 2):
         try:
             with session_factory.begin() as session:
-                return _index(session, header, stored, now, reopen)
+                return index_rows(session.connection(), header, stored, now, reopen)
         except IntegrityError:
             if attempt == 2:
                 raise
     raise AssertionError("unreachable")
 
 
-def _index(
-    session: Session, header: InstanceHeader, stored: StoredFile, now: datetime, reopen: bool
+def index_rows(
+    conn: Connection, header: InstanceHeader, stored: StoredFile, now: datetime, reopen: bool
 ) -> IndexOutcome:
-    study = session.scalar(
-        select(Study).where(Study.study_instance_uid == header.study_instance_uid)
-    )
+    """The statements that index one instance, inside the caller's transaction (Core SQL:
+    this runs once per received instance, so it stays off the ORM's unit of work)."""
+    study = conn.execute(
+        select(Study.id, Study.status).where(Study.study_instance_uid == header.study_instance_uid)
+    ).first()
     if study is None:
-        study = Study(
-            study_instance_uid=header.study_instance_uid,
-            patient_id=header.patient_id,
-            accession_number=header.accession_number,
-            study_date=header.study_date,
-            study_description=header.study_description,
-            status="receiving",
-            first_received_at=now,
-            last_received_at=now,
+        study_id = _insert_id(
+            conn,
+            insert(Study).values(
+                study_instance_uid=header.study_instance_uid,
+                patient_id=header.patient_id,
+                accession_number=header.accession_number,
+                study_date=header.study_date,
+                study_description=header.study_description,
+                status="receiving",
+                first_received_at=now,
+                last_received_at=now,
+            ),
         )
-        session.add(study)
-        session.flush()
+        status = "receiving"
+    else:
+        study_id, status = int(study[0]), str(study[1])
 
-    series = session.scalar(
-        select(Series).where(Series.series_instance_uid == header.series_instance_uid)
+    series_id = conn.scalar(
+        select(Series.id).where(Series.series_instance_uid == header.series_instance_uid)
     )
-    if series is None:
-        series = Series(
-            study_id=study.id,
-            series_instance_uid=header.series_instance_uid,
-            modality=header.modality,
-            body_part_examined=header.body_part_examined,
-            series_description=header.series_description,
-            series_number=header.series_number,
-            image_type=header.image_type,
-            slice_thickness=header.slice_thickness,
+    if series_id is None:
+        series_id = _insert_id(
+            conn,
+            insert(Series).values(
+                study_id=study_id,
+                series_instance_uid=header.series_instance_uid,
+                modality=header.modality,
+                body_part_examined=header.body_part_examined,
+                series_description=header.series_description,
+                series_number=header.series_number,
+                image_type=header.image_type,
+                slice_thickness=header.slice_thickness,
+            ),
         )
-        session.add(series)
-        session.flush()
 
-    instance = session.scalar(
-        select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
-    )
-    if instance is not None and instance.sha256 == stored.sha256:
+    instance = conn.execute(
+        select(Instance.id, Instance.sha256).where(
+            Instance.sop_instance_uid == header.sop_instance_uid
+        )
+    ).first()
+    if instance is not None and instance[1] == stored.sha256:
         return IndexOutcome.DUPLICATE
-    outcome = IndexOutcome.NEW if instance is None else IndexOutcome.REPLACED
+    values = {
+        "sop_class_uid": header.sop_class_uid,
+        "transfer_syntax_uid": stored.transfer_syntax_uid,
+        "instance_number": header.instance_number,
+        "path": stored.relative_path,
+        "size_bytes": stored.size_bytes,
+        "sha256": stored.sha256,
+        "calling_ae_title": stored.calling_ae_title,
+        "received_at": now,
+    }
     if instance is None:
-        instance = Instance(sop_instance_uid=header.sop_instance_uid, series_id=series.id)
-        session.add(instance)
-    instance.sop_class_uid = header.sop_class_uid
-    instance.transfer_syntax_uid = stored.transfer_syntax_uid
-    instance.instance_number = header.instance_number
-    instance.path = stored.relative_path
-    instance.size_bytes = stored.size_bytes
-    instance.sha256 = stored.sha256
-    instance.calling_ae_title = stored.calling_ae_title
-    instance.received_at = now
+        conn.execute(
+            insert(Instance).values(
+                sop_instance_uid=header.sop_instance_uid, series_id=series_id, **values
+            )
+        )
+    else:
+        conn.execute(update(Instance).where(Instance.id == instance[0]).values(**values))
 
-    if study.status == "receiving":
-        study.last_received_at = now
+    if status == "receiving":
+        conn.execute(update(Study).where(Study.id == study_id).values(last_received_at=now))
     elif reopen:  # a late instance re-opens the study
-        study.last_received_at = now
-        study.status = "receiving"
-        study.first_received_at = now
-        study.completion = None
-        study.completed_at = None
-    return outcome
+        conn.execute(
+            update(Study)
+            .where(Study.id == study_id)
+            .values(
+                status="receiving",
+                first_received_at=now,
+                last_received_at=now,
+                completion=None,
+                completed_at=None,
+            )
+        )
+    return IndexOutcome.NEW if instance is None else IndexOutcome.REPLACED
+
+
+def _insert_id(conn: Connection, statement: Any) -> int:
+    key = conn.execute(statement).inserted_primary_key
+    assert key is not None
+    return int(key[0])
+
+
+@dataclass
+class _Request:
+    header: InstanceHeader
+    stored: StoredFile
+    now: datetime
+    reopen: bool
+    future: Future[IndexOutcome] = field(default_factory=Future)
+
+
+class IndexWriter:
+    """Group commit: one thread writes the index rows of all waiting C-STOREs in one
+    transaction, so concurrent associations share a commit.
+
+    ``index()`` returns only after the row's transaction committed, or raises what failed.
+    The thread keeps one connection and remembers the ids of the studies and series it
+    indexed, so a new instance of a known series costs one INSERT and one UPDATE. Anything
+    unexpected in a batch (a unique-key race, a replaced instance, a lost connection) makes
+    it retry one instance per transaction through the full path (``index_instance``), so one
+    bad instance fails alone and a stale cached id is never trusted twice.
+    """
+
+    _CACHE_LIMIT = 4096
+
+    def __init__(self, session_factory: sessionmaker[Session], max_batch: int = 64) -> None:
+        self.session_factory = session_factory
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
+        self._conn: Connection | None = None
+        self._series: dict[str, tuple[int, int]] = {}  # series UID -> (study id, series id)
+        self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
+        self._thread.start()
+
+    def index(
+        self, header: InstanceHeader, stored: StoredFile, now: datetime, *, reopen: bool = True
+    ) -> IndexOutcome:
+        request = _Request(header, stored, now, reopen)
+        self._queue.put(request)
+        return request.future.result()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(30)
+        self._reset()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._write(batch)
+            if stop:
+                return
+
+    def _reset(self) -> None:
+        self._series.clear()
+        if self._conn is not None:
+            with contextlib.suppress(Exception):  # a connection that is already gone
+                self._conn.close()
+            self._conn = None
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            bind = self.session_factory.kw["bind"]
+            self._conn = bind.connect()
+        return self._conn
+
+    def _write(self, batch: list[_Request]) -> None:
+        try:
+            conn = self._connection()
+            with conn.begin():
+                outcomes = [self._index_one(conn, r) for r in batch]
+        except Exception:  # retried one by one below, through the full path
+            self._reset()
+        else:
+            for request, outcome in zip(batch, outcomes, strict=True):
+                request.future.set_result(outcome)
+            return
+        for request in batch:
+            try:
+                outcome = index_instance(
+                    self.session_factory,
+                    request.header,
+                    request.stored,
+                    request.now,
+                    reopen=request.reopen,
+                )
+            except Exception as exc:
+                request.future.set_exception(exc)
+            else:
+                request.future.set_result(outcome)
+
+    def _index_one(self, conn: Connection, r: _Request) -> IndexOutcome:
+        known = self._series.get(r.header.series_instance_uid)
+        if known is None:
+            outcome = index_rows(conn, r.header, r.stored, r.now, r.reopen)
+            row = conn.execute(
+                select(Series.study_id, Series.id).where(
+                    Series.series_instance_uid == r.header.series_instance_uid
+                )
+            ).one()
+            if len(self._series) >= self._CACHE_LIMIT:
+                self._series.clear()
+            self._series[r.header.series_instance_uid] = (int(row[0]), int(row[1]))
+            return outcome
+        study_id, series_id = known
+        # A new instance (the usual case); an existing one raises IntegrityError -> full path.
+        conn.execute(
+            insert(Instance).values(
+                sop_instance_uid=r.header.sop_instance_uid,
+                series_id=series_id,
+                sop_class_uid=r.header.sop_class_uid,
+                transfer_syntax_uid=r.stored.transfer_syntax_uid,
+                instance_number=r.header.instance_number,
+                path=r.stored.relative_path,
+                size_bytes=r.stored.size_bytes,
+                sha256=r.stored.sha256,
+                calling_ae_title=r.stored.calling_ae_title,
+                received_at=r.now,
+            )
+        )
+        moved = conn.execute(
+            update(Study)
+            .where(Study.id == study_id, Study.status == "receiving")
+            .values(last_received_at=r.now)
+        )
+        if moved.rowcount != 1 and r.reopen:  # a late instance re-opens the study
+            conn.execute(
+                update(Study)
+                .where(Study.id == study_id)
+                .values(
+                    status="receiving",
+                    first_received_at=r.now,
+                    last_received_at=r.now,
+                    completion=None,
+                    completed_at=None,
+                )
+            )
+        return IndexOutcome.NEW
 
 
 def mark_released(

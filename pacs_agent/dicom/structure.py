@@ -57,21 +57,91 @@ def check_complete(data: bytes | memoryview, offset: int, transfer_syntax: UID) 
     """
     if transfer_syntax.is_deflated:
         return
+    scan(data, offset, transfer_syntax, {})
+
+
+#: Tags of the top-level attributes the index reads (no pixel data), by keyword.
+HEADER_TAGS: dict[int, str] = {
+    0x00080005: "SpecificCharacterSet",
+    0x00080008: "ImageType",
+    0x00080016: "SOPClassUID",
+    0x00080018: "SOPInstanceUID",
+    0x00080020: "StudyDate",
+    0x00080050: "AccessionNumber",
+    0x00080060: "Modality",
+    0x00081030: "StudyDescription",
+    0x0008103E: "SeriesDescription",
+    0x00100020: "PatientID",
+    0x00180015: "BodyPartExamined",
+    0x00180050: "SliceThickness",
+    0x0020000D: "StudyInstanceUID",
+    0x0020000E: "SeriesInstanceUID",
+    0x00200011: "SeriesNumber",
+    0x00200013: "InstanceNumber",
+}
+
+# Character sets whose text this scanner decodes itself; others go through pydicom.
+_CODECS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
+
+
+class UnsupportedEncoding(ValueError):
+    """The header uses an encoding this scanner leaves to pydicom (deflate, other charsets)."""
+
+
+def scan(
+    data: bytes | memoryview, offset: int, transfer_syntax: UID, wanted: dict[int, str]
+) -> dict[int, bytes]:
+    """Check that the elements from ``offset`` end exactly at ``len(data)`` (else Truncated)
+    and return the raw values of the top-level tags in ``wanted``.
+
+    Deflated data sets are not walked (their bytes are compressed): UnsupportedEncoding when
+    values are wanted, nothing checked otherwise.
+    """
+    if transfer_syntax.is_deflated:
+        if wanted:
+            raise UnsupportedEncoding("deflated data set")
+        return {}
     walker = _Walker(
         bytes(data) if isinstance(data, memoryview) else data,
         implicit=transfer_syntax.is_implicit_VR,
         fmt="<" if transfer_syntax.is_little_endian else ">",
+        wanted=wanted,
     )
-    end = walker.elements(offset, len(data), until=None)
+    end = walker.elements(offset, len(data), until=None, depth=0)
     if end != len(data):
         raise Truncated(f"{len(data) - end} bytes after the last element")
+    return walker.found
+
+
+def header_values(
+    data: bytes | memoryview, offset: int, transfer_syntax: UID
+) -> dict[str, str | list[str]]:
+    """The index's header attributes by keyword, as pydicom would give them as text: one
+    string, or a list for several values. Also checks completeness (Truncated).
+
+    Raises UnsupportedEncoding for a deflated data set or a character set other than ASCII,
+    ISO_IR 100 and ISO_IR 192 (the caller then reads the header with pydicom).
+    """
+    raw = scan(data, offset, transfer_syntax, HEADER_TAGS)
+    charset = raw.pop(0x00080005, b"").decode("ascii", "replace").strip(" \x00")
+    codec = _CODECS.get(charset)
+    if codec is None:
+        raise UnsupportedEncoding(f"character set {charset!r}")
+    values: dict[str, str | list[str]] = {}
+    for tag, value in raw.items():
+        text = value.decode(codec).rstrip(" \x00")
+        parts = [part.strip(" \x00") for part in text.split("\\")]
+        values[HEADER_TAGS[tag]] = parts[0] if len(parts) == 1 else parts
+    return values
 
 
 class _Walker:
-    def __init__(self, data: bytes, *, implicit: bool, fmt: str) -> None:
+    def __init__(self, data: bytes, *, implicit: bool, fmt: str, wanted: dict[int, str]) -> None:
         self.data = data
         self.implicit = implicit
         self.fmt = fmt
+        self.wanted = wanted
+        self.found: dict[int, bytes] = {}
 
     def _u16(self, pos: int) -> int:
         return int(struct.unpack_from(self.fmt + "H", self.data, pos)[0])
@@ -86,8 +156,10 @@ class _Walker:
         if pos + count > limit:
             raise Truncated(f"data end inside an element at byte {pos}")
 
-    def elements(self, pos: int, limit: int, until: int | None) -> int:
-        """Walk elements from ``pos``; stop at ``limit`` or after the ``until`` delimiter."""
+    def elements(self, pos: int, limit: int, until: int | None, depth: int) -> int:
+        """Walk elements from ``pos``; stop at ``limit`` or after the ``until`` delimiter.
+
+        At ``depth`` 0 (the top level) the values of wanted tags are kept in ``found``."""
         while pos < limit:
             self._need(pos, 8, limit)
             tag = self._tag(pos)
@@ -110,6 +182,8 @@ class _Walker:
                 pos = self.items(pos, limit)
             else:
                 self._need(pos, length, limit)
+                if depth == 0 and tag in self.wanted:
+                    self.found[tag] = self.data[pos : pos + length]
                 pos += length
         if until is not None:
             raise Truncated("data end before a sequence or item delimiter")
@@ -128,7 +202,7 @@ class _Walker:
                 raise Truncated(f"expected an item at byte {pos - 8}")
             if length == _UNDEFINED:
                 # An item of undefined length: a nested data set up to the item delimiter.
-                pos = self.elements(pos, limit, until=_ITEM_END)
+                pos = self.elements(pos, limit, until=_ITEM_END, depth=1)
             else:
                 self._need(pos, length, limit)
                 pos += length

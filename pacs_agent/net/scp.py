@@ -21,9 +21,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 from pydicom import Dataset, dcmread
+from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
@@ -32,6 +33,7 @@ from pacs_agent.config import AllowedCaller, ListenerSettings, Settings
 from pacs_agent.db.index import (
     Arrival,
     DuplicatePolicy,
+    IndexWriter,
     StoredFile,
     decide_arrival,
     find_instance_digest,
@@ -41,7 +43,12 @@ from pacs_agent.db.index import (
 )
 from pacs_agent.db.models import utcnow
 from pacs_agent.dicom.header import InstanceHeader, instance_header
-from pacs_agent.dicom.structure import check_complete, file_meta_end
+from pacs_agent.dicom.structure import (
+    UnsupportedEncoding,
+    check_complete,
+    file_meta_end,
+    header_values,
+)
 from pacs_agent.storage.spool import InvalidUID, Spool
 
 log = logging.getLogger(__name__)
@@ -130,8 +137,19 @@ class Receiver:
     duplicates: DuplicatePolicy = DuplicatePolicy.REPLACE
     #: ``assembler.late_instance == "reprocess"``: an instance for a complete study re-opens it.
     reopen_complete: bool = True
+    #: Group commit of index rows; started by ``start_listener`` when not given.
+    writer: IndexWriter | None = None
     _studies_by_assoc: dict[int, set[str]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def index(self, header: InstanceHeader, stored: StoredFile) -> None:
+        """Commit the index row of a durable instance (batched with concurrent ones)."""
+        if self.writer is not None:
+            self.writer.index(header, stored, self.clock(), reopen=self.reopen_complete)
+        else:
+            index_instance(
+                self.session_factory, header, stored, self.clock(), reopen=self.reopen_complete
+            )
 
     def touched(self, assoc: Any, study_uid: str) -> None:
         with self._lock:
@@ -172,14 +190,29 @@ def handle_rejected(event: Any) -> None:
     )
 
 
+def read_header(data: bytes, transfer_syntax: UID) -> InstanceHeader:
+    """The index's header of a Part-10 byte string, after checking it is complete.
+
+    The element walker reads the few attributes the index needs straight from the bytes; only
+    a deflated data set or an unusual character set goes through pydicom (slower). Raises
+    Truncated, InvalidUID, or pydicom's errors for data that cannot be decoded.
+    """
+    offset = file_meta_end(data)
+    try:
+        values = header_values(data, offset, transfer_syntax)
+    except UnsupportedEncoding:
+        check_complete(data, offset, transfer_syntax)
+        return instance_header(dcmread(BytesIO(data), stop_before_pixels=True))
+    # instance_header reads its source with ``.get(keyword)`` only: a dict of texts will do.
+    return instance_header(cast(Dataset, values))
+
+
 def _decode(event: Any) -> tuple[bytes, InstanceHeader] | Dataset:
     """The received bytes (Part 10) and their header, or the refusal status."""
     request = event.request
     try:
         data = event.encoded_dataset(include_meta=True)
-        check_complete(data, file_meta_end(data), event.context.transfer_syntax)
-        ds = dcmread(BytesIO(data), stop_before_pixels=True)
-        header = instance_header(ds)
+        header = read_header(data, event.context.transfer_syntax)
     except InvalidUID as exc:
         log.warning(
             "C-STORE refused 0xA900: %s (request SOP %s)", exc, request.AffectedSOPInstanceUID
@@ -248,13 +281,7 @@ def handle_store(event: Any, receiver: Receiver) -> int | Dataset:
         if arrival is Arrival.KEEP_BOTH:
             index_copy(receiver.session_factory, header.sop_instance_uid, stored, receiver.clock())
         else:
-            index_instance(
-                receiver.session_factory,
-                header,
-                stored,
-                receiver.clock(),
-                reopen=receiver.reopen_complete,
-            )
+            receiver.index(header, stored)
     except Exception as exc:
         log.error(
             "C-STORE 0xA700: index failed for SOP %s: %s: %s",
@@ -325,7 +352,7 @@ def tls_context(settings: ListenerSettings) -> ssl.SSLContext | None:
     return ctx
 
 
-def start_listener(settings: ListenerSettings, receiver: Receiver) -> Any:
+def start_listener(settings: ListenerSettings, receiver: Receiver) -> RunningListener:
     """Start the SCP in background threads; returns the server (call ``shutdown()``).
 
     Raises ListenerRefused when the settings would expose it to any caller on the network.
@@ -342,6 +369,8 @@ def start_listener(settings: ListenerSettings, receiver: Receiver) -> Any:
         (evt.EVT_RELEASED, handle_released, [receiver]),
         (evt.EVT_ABORTED, handle_aborted, [receiver]),
     ]
+    if receiver.writer is None:
+        receiver.writer = IndexWriter(receiver.session_factory)
     server = ae.start_server(
         (settings.host, settings.port),
         block=False,
@@ -355,4 +384,18 @@ def start_listener(settings: ListenerSettings, receiver: Receiver) -> Any:
         settings.port,
         " (TLS)" if settings.tls_certificate else "",
     )
-    return server
+    return RunningListener(server, receiver)
+
+
+@dataclass
+class RunningListener:
+    """A started listener: ``shutdown()`` stops accepting, then flushes the index writer."""
+
+    server: Any
+    receiver: Receiver
+
+    def shutdown(self) -> None:
+        self.server.shutdown()
+        if self.receiver.writer is not None:
+            self.receiver.writer.close()
+            self.receiver.writer = None

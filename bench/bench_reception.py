@@ -1,0 +1,285 @@
+"""Reception benchmark: dcmtk storescp, Orthanc and pacs-agent side by side, in one run.
+
+Generates CT instances (512x512 int16), sends them with dcmtk storescu (TCP_NODELAY=1 on every
+side, see FACTS: the Nagle trap) over 1 and over 4 concurrent associations, to each receiver
+in turn (the order rotates every run), each receiver started fresh for each send. Prints the
+median images/s of each receiver and its ratio to storescp. ``--rss N`` also sends N instances
+to one pacs-agent and reports the peak RSS (VmHWM) of its ``serve`` process.
+
+    .venv/bin/python bench/bench_reception.py --instances 500 --runs 3 --rss 2000
+
+Loopback only. Not run by pytest: speed is a ratio measured here, never a timed test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pydicom import Dataset  # noqa: E402
+from pydicom.uid import generate_uid  # noqa: E402
+
+from pacs_agent.demo.synthetic import make_ct_study  # noqa: E402
+from tests.helpers.servers import Agent, Orthanc, free_port, wait_for  # noqa: E402
+
+NODELAY_ENV = {"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}
+
+
+def make_instances(out_dir: Path, count: int) -> list[Path]:
+    """``count`` CT instances of one series, 512x512 int16, written as files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    template = make_ct_study(None, slices=8, rows=512, cols=512, seed=7)
+    series_uid = generate_uid()
+    paths = []
+    for n in range(count):
+        ds: Dataset = template[n % len(template)].copy()
+        ds.file_meta = template[n % len(template)].file_meta.copy()
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = n + 1
+        ds.ImagePositionPatient = [0.0, 0.0, -2.0 * n]
+        path = out_dir / f"CT{n:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def _wait_port(port: int, timeout: float = 30) -> None:
+    def up() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    wait_for(up, timeout, f"port {port}", interval=0.05)
+
+
+@dataclass
+class Started:
+    port: int
+    ae_title: str
+    count: Callable[[], int]
+
+
+@contextmanager
+def storescp(workdir: Path) -> Iterator[Started]:
+    exe = shutil.which("storescp")
+    assert exe, "dcmtk storescp is required"
+    out = workdir / "storescp"
+    out.mkdir(parents=True)
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "--fork", "-od", str(out), "-aet", "STORESCP", str(port)],
+        env=NODELAY_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_port(port)
+        yield Started(port, "STORESCP", lambda: len(list(out.iterdir())))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+
+
+@contextmanager
+def orthanc(workdir: Path) -> Iterator[Started]:
+    server = Orthanc(workdir=workdir / "orthanc", dicom_port=free_port(), http_port=free_port())
+    server.start()
+    try:
+        yield Started(
+            server.dicom_port,
+            server.aet,
+            lambda: int(server.get("/statistics")["CountInstances"]),
+        )
+    finally:
+        server.stop()
+
+
+def _agent_count(agent: Agent) -> int:
+    import sqlite3
+
+    with sqlite3.connect(agent.data_dir / "pacs-agent.db") as conn:
+        return int(conn.execute("select count(*) from instances").fetchone()[0])
+
+
+@contextmanager
+def pacs_agent(workdir: Path, env: dict[str, str] | None = None) -> Iterator[Started]:
+    agent = Agent(
+        workdir=workdir / "agent", port=free_port(), with_worker=False, env_overrides=env or {}
+    )
+    agent.start()
+    try:
+        yield Started(agent.port, agent.ae_title, lambda: _agent_count(agent))
+    finally:
+        agent.stop()
+
+
+RECEIVERS: dict[str, Callable[[Path], Iterator[Started]]] = {
+    "storescp": storescp,  # type: ignore[dict-item]
+    "orthanc": orthanc,  # type: ignore[dict-item]
+    "pacs-agent": pacs_agent,  # type: ignore[dict-item]
+}
+
+
+def send(target: Started, files: list[Path], associations: int) -> float:
+    """Seconds for storescu to send ``files`` over ``associations`` concurrent associations."""
+    exe = shutil.which("storescu")
+    assert exe, "dcmtk storescu is required"
+    chunks = [files[i::associations] for i in range(associations)]
+    started = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [exe, "-aec", target.ae_title, "127.0.0.1", str(target.port), *map(str, chunk)],
+            env=NODELAY_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for chunk in chunks
+    ]
+    errors = [p.communicate()[1] for p in procs]
+    elapsed = time.perf_counter() - started
+    for p, err in zip(procs, errors, strict=True):
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-2000:]}")
+    return elapsed
+
+
+def peak_rss(workdir: Path, count: int, env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Send ``count`` 512x512 instances to one pacs-agent; its peak RSS in MB and images/s."""
+    from pynetdicom import AE
+
+    from pacs_agent.net.scu import set_nodelay
+
+    template = make_ct_study(None, slices=8, rows=512, cols=512, seed=8)
+    agent = Agent(
+        workdir=workdir / "rss-agent", port=free_port(), with_worker=False, env_overrides=env or {}
+    )
+    agent.start()
+    try:
+        ae = AE(ae_title="BENCH")
+        ae.add_requested_context(template[0].SOPClassUID, template[0].file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", agent.port, ae_title=agent.ae_title)
+        assert assoc.is_established
+        set_nodelay(assoc)
+        series_uid = generate_uid()
+        started = time.perf_counter()
+        for n in range(count):
+            ds = template[n % len(template)]
+            ds.SeriesInstanceUID = series_uid
+            ds.SOPInstanceUID = generate_uid()
+            ds.InstanceNumber = n + 1
+            status = assoc.send_c_store(ds).Status
+            if status != 0:
+                raise RuntimeError(f"C-STORE {n} answered {status:#06x}")
+        elapsed = time.perf_counter() - started
+        assoc.release()
+        assert agent.proc is not None
+        status_text = Path(f"/proc/{agent.proc.pid}/status").read_text()
+        hwm_kb = int(next(line for line in status_text.splitlines() if line.startswith("VmHWM"))
+                     .split()[1])  # fmt: skip
+        received = _agent_count(agent)
+        if received != count:
+            raise RuntimeError(f"pacs-agent indexed {received} of {count}")
+    finally:
+        agent.stop()
+    return hwm_kb / 1024, count / elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=500)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--rss", type=int, default=0, help="instances for the peak-RSS run")
+    parser.add_argument(
+        "--agent-env",
+        default="{}",
+        help='extra environment for pacs-agent serve, JSON: {"PACS_AGENT_LISTENER__...": "..."}',
+    )
+    parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    args = parser.parse_args()
+    agent_env = json.loads(args.agent_env)
+    receivers = dict(RECEIVERS)
+    receivers["pacs-agent"] = lambda w: pacs_agent(w, agent_env)  # type: ignore[assignment,return-value]
+
+    rates: dict[tuple[str, int], list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-reception-") as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        files = make_instances(root / "in", args.instances)
+        print(f"generated {len(files)} instances in {time.perf_counter() - t0:.1f} s", flush=True)
+        names = list(receivers)
+        for run in range(args.runs):
+            for n_assoc in args.associations:
+                order = names[run % len(names) :] + names[: run % len(names)]
+                for name in order:
+                    workdir = root / f"run{run}-{n_assoc}-{name}"
+                    with receivers[name](workdir) as target:  # type: ignore[attr-defined]
+                        seconds = send(target, files, n_assoc)
+                        got = wait_for(
+                            lambda t=target: t.count() >= len(files) and t.count(),
+                            30,
+                            f"{name} to hold every instance",
+                        )
+                    rate = len(files) / seconds
+                    rates.setdefault((name, n_assoc), []).append(rate)
+                    print(
+                        f"run {run + 1} {n_assoc} assoc {name:10s} {rate:7.1f} img/s ({got})",
+                        flush=True,
+                    )
+                    shutil.rmtree(workdir, ignore_errors=True)
+        rss = peak_rss(root, args.rss, agent_env) if args.rss else None
+
+    print()
+    print(
+        f"{args.instances} CT instances 512x512 int16, storescu TCP_NODELAY=1, median of "
+        f"{args.runs} runs; {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    )
+    header = "| receiver |" + "".join(f" {n} assoc img/s | ratio |" for n in args.associations)
+    print(header)
+    print("|---|" + "---|---|" * len(args.associations))
+    for name in names:
+        cells = []
+        for n in args.associations:
+            med = statistics.median(rates[(name, n)])
+            ref = statistics.median(rates[("storescp", n)])
+            cells.append(f" {med:.0f} | {med / ref:.2f}x |")
+        print(f"| {name} |" + "".join(cells))
+    if rss is not None:
+        print(f"\npacs-agent peak RSS receiving {args.rss} instances: {rss[0]:.0f} MB ")
+        print(f"(pynetdicom sender, 1 association, {rss[1]:.0f} img/s)")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "rates": {f"{k[0]}@{k[1]}": v for k, v in rates.items()},
+                    "rss_mb": rss[0] if rss else None,
+                },
+                indent=2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
