@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
 
     app = create_app(settings)
     queues = args.queues or f"{settings.broker.inference_queue},{settings.broker.io_queue}"
+    if settings.broker.inference_queue in queues.split(","):
+        # Import torch and MONAI once, before the pool forks: a job's time limits then
+        # count its own work, not the first import (and each child starts warm).
+        import workers.inference
+        import workers.runtime.bundle  # noqa: F401
     concurrency = args.concurrency or settings.worker.concurrency
     app.worker_main(
         [

@@ -1,0 +1,237 @@
+"""Races, priorities and time limits, with real databases, brokers and worker processes."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from pacs_agent.config import Settings
+from pacs_agent.db.jobs import transition
+from pacs_agent.db.migrate import upgrade
+from pacs_agent.db.models import Job, Series, Study
+from pacs_agent.db.session import make_engine, make_session_factory
+from pacs_agent.domain.jobs import JobStatus
+from pacs_agent.queue import CeleryDispatcher, TaskLimits, make_celery
+from tests.helpers.orchestration import (
+    jobs_of,
+    shared_broker_url,
+    wait_all_exported,
+)
+from tests.helpers.servers import REPO, wait_for
+from tests.integration.test_orchestration import make_site
+
+pytestmark = pytest.mark.integration
+
+DATABASES = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(params=DATABASES)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'race.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+def test_of_many_racing_claims_on_a_job_exactly_one_wins(database_url: str) -> None:
+    upgrade(database_url)
+    sf = make_session_factory(make_engine(database_url))
+    now = datetime.now(UTC)
+    with sf.begin() as session:
+        study = Study(study_instance_uid="1.2.826.0.1.1", status="complete")
+        session.add(study)
+        session.flush()
+        series = Series(study_id=study.id, series_instance_uid="1.2.826.0.1.1.1")
+        session.add(series)
+        session.flush()
+        ids = []
+        for _ in range(10):
+            job = Job(
+                study_id=study.id,
+                series_id=series.id,
+                model_name="m",
+                status="queued",
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(job)
+            session.flush()
+            ids.append(job.id)
+
+    racers = 6
+    factories = [make_session_factory(make_engine(database_url)) for _ in range(racers)]
+    for job_id in ids:
+        barrier = threading.Barrier(racers)
+        wins: list[int] = []
+
+        def claim(
+            n: int,
+            job_id: int = job_id,
+            barrier: threading.Barrier = barrier,
+            wins: list[int] = wins,
+        ) -> None:
+            barrier.wait()
+            with factories[n].begin() as session:
+                if transition(
+                    session,
+                    job_id,
+                    JobStatus.RUNNING,
+                    only_from=[JobStatus.QUEUED],
+                    worker=f"racer-{n}",
+                    attempts=Job.attempts + 1,
+                ):
+                    wins.append(n)
+
+        threads = [threading.Thread(target=claim, args=(n,)) for n in range(racers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(wins) == 1, f"job {job_id}: {wins}"
+        with sf() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            assert (job.status, job.attempts, job.worker) == ("running", 1, f"racer-{wins[0]}")
+
+
+@pytest.mark.parametrize("db", DATABASES)
+def test_two_workers_given_the_same_job_run_it_once(
+    db: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    url = shared_broker_url("redis")
+    assert url is not None
+    database = None if db == "sqlite" else request.getfixturevalue("postgres_url")
+    with make_site(tmp_path, url, database_url=database, with_worker=False) as site:
+        w1, w2 = site.worker("worker-a"), site.worker("worker-b")
+        # Both workers are up (torch imported) before the job exists.
+        wait_for(
+            lambda: all("ready" in w.log_path.read_text(errors="replace") for w in (w1, w2)),
+            90,
+            "both workers ready",
+        )
+        study_uid = site.send(41)
+        job = wait_for(
+            lambda: next((j for j in jobs_of(site.database_url) if j.status == "queued"), None),
+            60,
+            "a queued job",
+            interval=0.02,
+        )
+        env = site.env
+        settings = Settings(
+            broker={  # type: ignore[arg-type]
+                "url": url,
+                "inference_queue": env["PACS_AGENT_BROKER__INFERENCE_QUEUE"],
+                "io_queue": env["PACS_AGENT_BROKER__IO_QUEUE"],
+            }
+        )
+        # A second delivery of the same job, as a redelivery or a sweeper would send.
+        CeleryDispatcher(make_celery(settings)).send_inference(job.id, 0, TaskLimits(600, 660))
+        (done,) = wait_all_exported(site.database_url, 1, 180, site.logs)
+        time.sleep(1.0)  # let the second delivery be consumed too
+        assert done.attempts == 1
+        logs = "".join(w.log_path.read_text(errors="replace") for w in (w1, w2))
+        assert logs.count(f"job {job.id}: not queued any more; skipping this delivery") == 1
+        assert logs.count(f"job {job.id}: demo_ct_blob_seg on series") == 1
+        site.one_seg_and_sr_per_study([study_uid])
+
+
+URGENT_RULES = """
+[[models.rules]]
+name = "routine"
+modality = ["CT"]
+models = ["demo_ct_blob_seg"]
+
+[[models.rules]]
+name = "urgent"
+modality = ["CT"]
+calling_ae_title = ["ER_CT"]
+models = ["demo_ct_blob_seg"]
+priority = 9
+"""
+
+
+def test_an_urgent_study_overtakes_a_routine_backlog(tmp_path: Path) -> None:
+    env = {"PACS_AGENT_BROKER__MAX_QUEUED": "1"}
+    with make_site(tmp_path, None, with_worker=False, env=env, config_toml=URGENT_RULES) as site:
+        for seed in (51, 52, 53, 54):
+            site.send(seed)
+        site.send(55, calling_ae="ER_CT")
+        wait_for(lambda: len(jobs_of(site.database_url)) == 5, 60, "five jobs")
+        site.worker("worker")
+        jobs = wait_all_exported(site.database_url, 5, 240, site.logs)
+        (urgent,) = [j for j in jobs if j.rule == "urgent"]
+        routine = sorted((j for j in jobs if j.rule == "routine"), key=lambda j: j.started_at)
+        assert urgent.priority == 9
+        assert urgent.started_at is not None
+        # One routine job was already in the broker; the urgent one runs right after it.
+        overtaken = [j for j in routine if j.started_at and j.started_at > urgent.started_at]
+        assert len(overtaken) == 3, [(j.id, j.rule, j.started_at) for j in jobs]
+
+
+def _models_with_a_second_demo(tmp_path: Path) -> Path:
+    models = tmp_path / "models"
+    demo = REPO / "workers" / "bundles" / "demo_ct_blob_seg"
+    shutil.copytree(demo, models / "demo_ct_blob_seg")
+    shutil.copytree(demo, models / "demo_hung")
+    card = models / "demo_hung" / "pacs-agent.toml"
+    card.write_text(card.read_text().replace('name = "demo_ct_blob_seg"', 'name = "demo_hung"'))
+    return models
+
+
+def test_soft_time_limit_fails_the_job_and_hard_limit_kills_until_attempts_run_out(
+    tmp_path: Path,
+) -> None:
+    models = _models_with_a_second_demo(tmp_path)
+    config = f"""
+[models]
+directory = "{models}"
+
+[[models.rules]]
+name = "soft"
+modality = ["CT"]
+calling_ae_title = ["SOFT"]
+models = ["demo_ct_blob_seg"]
+
+[[models.rules]]
+name = "hard"
+modality = ["CT"]
+calling_ae_title = ["HARD"]
+models = ["demo_hung"]
+
+[models.time_limits.demo_ct_blob_seg]
+soft_s = 0.01
+hard_s = 60
+
+[models.time_limits.demo_hung]
+soft_s = 50
+hard_s = 0.05
+"""
+    env = {"PACS_AGENT_WORKER__MAX_ATTEMPTS": "2"}
+    with make_site(tmp_path, None, env=env, config_toml=config) as site:
+        site.send(61, calling_ae="SOFT")
+        site.send(62, calling_ae="HARD")
+
+        def ended() -> list[Job] | None:
+            jobs = jobs_of(site.database_url)
+            return jobs if len(jobs) == 2 and all(j.status == "failed" for j in jobs) else None
+
+        try:
+            jobs = wait_for(ended, 120, "both jobs to fail", interval=0.3)
+        except TimeoutError:
+            states = [(j.model_name, j.status, j.reason) for j in jobs_of(site.database_url)]
+            pytest.fail(f"{states}\n{site.agent.log_tail()}")
+        by_model = {j.model_name: j for j in jobs}
+        soft = by_model["demo_ct_blob_seg"]
+        assert soft.reason is not None and "SoftTimeLimitExceeded" in soft.reason
+        assert soft.attempts == 1, "a time limit is permanent: no retry"
+        hard = by_model["demo_hung"]
+        assert hard.attempts == 2
+        assert hard.reason is not None and "worker was lost 2 time(s)" in hard.reason
+        with make_session_factory(make_engine(site.database_url))() as session:
+            assert session.scalar(select(Job.seg_path).where(Job.id == soft.id)) is None
