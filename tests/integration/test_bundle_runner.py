@@ -204,3 +204,39 @@ def test_runner_applies_config_overrides_before_building(tmp_path: Path) -> None
     runner = BundleRunner(DEMO_BUNDLE, device="cpu", overrides={"inferer#overlap": 0.5})
     assert runner.inferer.overlap == 0.5
     assert runner.device == torch.device("cpu")
+
+
+class _Greedy(torch.nn.Module):
+    """A network that asks for far more memory than any machine has (a petabyte)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        waste = torch.empty([1125899906842624], dtype=torch.uint8, device=x.device)
+        return torch.cat([x, x], dim=1) + waste[0]
+
+
+def test_out_of_memory_fails_with_a_clear_reason_and_the_runner_stays_usable(
+    tmp_path: Path,
+) -> None:
+    from pacs_agent.demo.synthetic import make_ct_study
+    from pacs_agent.dicom.volume import plan_volume
+    from workers.runtime.bundle import OutOfMemoryError
+
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "models").mkdir()
+    (tmp_path / "configs" / "inference.json").write_text(
+        '{"preprocessing": {"_target_": "Compose", "transforms": ['
+        '{"_target_": "LoadImaged", "keys": "image"},'
+        '{"_target_": "EnsureChannelFirstd", "keys": "image"}]},'
+        '"inferer": {"_target_": "SimpleInferer"}}'
+    )
+    torch.jit.script(_Greedy()).save(str(tmp_path / "models" / "model.ts"))
+    runner = BundleRunner(tmp_path, device="cpu")
+    datasets = make_ct_study(None, rows=64, cols=64, slices=8, seed=1)
+    plan = plan_volume(datasets)
+    with pytest.raises(
+        OutOfMemoryError, match=r"out of memory on cpu running .*: .*can.t allocate memory"
+    ):
+        runner.segment_series(datasets, plan)
+    # Nothing is left half-done: the demo runner in the same process still works.
+    demo = BundleRunner(DEMO_BUNDLE, device="cpu")
+    assert demo.segment_series(datasets, plan).shape == (8, 64, 64)

@@ -152,7 +152,14 @@ def _bundle_on_path(bundle_dir: Path) -> Any:
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    """CUDA's OutOfMemoryError, or the allocator failures torch reports as RuntimeError."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return any(
+        marker in text
+        for marker in ("out of memory", "can't allocate memory", "cannot allocate memory")
+    )
 
 
 def _release_device_memory(device: torch.device) -> None:
@@ -306,8 +313,10 @@ class BundleRunner:
             if not _is_out_of_memory(exc):
                 raise
             _release_device_memory(self.device)
+            lines = str(exc).strip().splitlines() or [type(exc).__name__]
             raise OutOfMemoryError(
-                f"out of memory on {self.device} running {self.bundle_dir.name}: {exc}"
+                f"out of memory on {self.device} running {self.bundle_dir.name} "
+                f"(GPU cache released): {lines[-1]}"
             ) from exc
 
     def _infer_unguarded(self, path: Path | str) -> MetaTensor:
