@@ -7,12 +7,14 @@ private one it started itself on a free port.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -107,6 +109,93 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+@dataclass
+class RabbitMQServer:
+    """A private RabbitMQ node on free loopback ports, with its own data directory.
+
+    Debian's ``rabbitmq-server`` runs as the ``rabbitmq`` user, so the directory is made
+    outside the caller's private temporary folder and given to that user."""
+
+    port: int = field(default_factory=free_port)
+    workdir: Path | None = None
+    name: str = field(default_factory=lambda: f"pacs-agent-test-{uuid.uuid4().hex[:8]}")
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def start(self) -> None:
+        exe = shutil.which("rabbitmq-server")
+        if exe is None:
+            raise RuntimeError("rabbitmq-server is not installed (apt-get install rabbitmq-server)")
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="pacs-agent-rabbitmq-"))
+        base = self.workdir
+        for d in (base / "mnesia", base / "log"):
+            d.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["chown", "-R", "rabbitmq", str(base)], check=False)
+        base.chmod(0o755)
+        env = {
+            **os.environ,
+            "RABBITMQ_NODENAME": f"{self.name}@localhost",
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+            "RABBITMQ_MNESIA_DIR": str(base / "mnesia" / "node"),
+            "RABBITMQ_FEATURE_FLAGS_FILE": str(base / "mnesia" / "feature_flags"),
+            "RABBITMQ_LOG_BASE": str(base / "log"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(base / "no-config"),
+        }
+        self.proc = subprocess.Popen(
+            [exe],
+            env=env,
+            stdout=(base / "server.out").open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for(lambda: self._up(), 60, "rabbitmq-server to listen")
+
+    def _up(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            assert self.workdir is not None
+            out = (self.workdir / "server.out").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"rabbitmq-server exited:\n{out}")
+        return _port_open(self.port)
+
+    def _node_pids(self) -> list[int]:
+        """Processes of this node: ``su`` starts the VM in a session of its own, so they are
+        found by the node name in their environment (only this test's node has it)."""
+        marker = f"RABBITMQ_NODENAME={self.name}@localhost".encode()
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if marker in (entry / "environ").read_bytes().split(b"\0"):
+                        pids.append(int(entry.name))
+                except OSError:
+                    continue
+        return pids
+
+    def kill(self) -> None:
+        """SIGKILL the whole node (the broker dies; its durable data stays)."""
+        for pid in self._node_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(20)
+        wait_for(lambda: not _port_open(self.port), 20, "rabbitmq-server to go")
+
+    def cleanup(self) -> None:
+        self.kill()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers.orchestration import (
+    RabbitMQServer,
     RedisServer,
     WorkerProcess,
     delete_queues,
@@ -38,6 +39,16 @@ from tests.helpers.servers import REPO, Agent, Orthanc, free_port, wait_for
 pytestmark = pytest.mark.integration
 
 BROKERS = ["embedded", "redis", "rabbitmq"]
+#: Every broker on SQLite and on PostgreSQL.
+MATRIX = [(b, "sqlite") for b in BROKERS] + [(b, "postgresql") for b in BROKERS]
+
+
+def database_for(db: str, request: pytest.FixtureRequest) -> str | None:
+    """None for the agent's own SQLite file, or a fresh PostgreSQL database."""
+    if db == "sqlite":
+        return None
+    url: str = request.getfixturevalue("postgres_url")
+    return url
 
 
 @dataclass
@@ -157,12 +168,12 @@ def make_site(
             delete_queues(broker_url, queues)
 
 
-@pytest.mark.parametrize("broker", BROKERS)
+@pytest.mark.parametrize(("broker", "db"), MATRIX)
 def test_every_study_is_processed_once_and_reprocessing_replaces_its_results(
-    broker: str, tmp_path: Path
+    broker: str, db: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     url = shared_broker_url(broker)
-    with make_site(tmp_path, url) as site:
+    with make_site(tmp_path, url, database_url=database_for(db, request)) as site:
         uids = [site.send(seed) for seed in (1, 2, 3)]
         jobs = wait_all_exported(site.database_url, 3, 240, site.logs)
         assert sorted(study_uid_of(site.database_url)[j.study_id] for j in jobs) == sorted(uids)
@@ -185,13 +196,16 @@ def test_every_study_is_processed_once_and_reprocessing_replaces_its_results(
         site.one_seg_and_sr_per_study(uids)
 
 
-@pytest.mark.parametrize("broker", BROKERS)
+@pytest.mark.parametrize(
+    ("broker", "db"), [(b, "sqlite") for b in BROKERS] + [("redis", "postgresql")]
+)
 def test_killing_the_inference_worker_mid_job_loses_nothing_and_duplicates_nothing(
-    broker: str, tmp_path: Path
+    broker: str, db: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     url = shared_broker_url(broker)
     env = {"PACS_AGENT_WORKER__MAX_ATTEMPTS": "10"}
-    with make_site(tmp_path, url, with_worker=False, env=env) as site:
+    database = database_for(db, request)
+    with make_site(tmp_path, url, database_url=database, with_worker=False, env=env) as site:
         rng = random.Random(6)
         site.worker("worker-0")
         uids = [site.send(seed) for seed in (11, 12, 13)]
@@ -214,7 +228,7 @@ def test_killing_the_inference_worker_mid_job_loses_nothing_and_duplicates_nothi
         assert all(j.seg_sop_instance_uid and j.sr_sop_instance_uid for j in jobs)
 
 
-def test_a_broker_restart_while_studies_arrive_loses_nothing(tmp_path: Path) -> None:
+def test_a_redis_restart_while_studies_arrive_loses_nothing(tmp_path: Path) -> None:
     redis = RedisServer(tmp_path / "redis")
     redis.start()
     try:
@@ -234,3 +248,24 @@ def test_a_broker_restart_while_studies_arrive_loses_nothing(tmp_path: Path) -> 
             site.one_seg_and_sr_per_study([first, *during])
     finally:
         redis.stop()
+
+
+def test_a_rabbitmq_restart_while_studies_arrive_loses_nothing(tmp_path: Path) -> None:
+    rabbit = RabbitMQServer()
+    rabbit.start()
+    try:
+        with make_site(tmp_path, rabbit.url) as site:
+            first = site.send(26)
+            wait_all_exported(site.database_url, 1, 180, site.logs)
+            rabbit.kill()
+            during = [site.send(seed) for seed in (27, 28)]
+            wait_for(
+                lambda: len(jobs_of(site.database_url)) == 3, 30, "jobs of the studies received"
+            )
+            time.sleep(2)
+            assert {j.status for j in jobs_of(site.database_url)[1:]} <= {"pending", "queued"}
+            rabbit.start()
+            wait_all_exported(site.database_url, 3, 240, site.logs)
+            site.one_seg_and_sr_per_study([first, *during])
+    finally:
+        rabbit.cleanup()
