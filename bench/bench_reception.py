@@ -176,6 +176,7 @@ def peak_rss(workdir: Path, count: int, env: dict[str, str] | None = None) -> tu
     )
     agent.start()
     try:
+        os.sync()
         ae = AE(ae_title="BENCH")
         ae.add_requested_context(template[0].SOPClassUID, template[0].file_meta.TransferSyntaxUID)
         assoc = ae.associate("127.0.0.1", agent.port, ae_title=agent.ae_title)
@@ -235,6 +236,9 @@ def main() -> int:
                 for name in order:
                     workdir = root / f"run{run}-{n_assoc}-{name}"
                     with receivers[name](workdir) as target:  # type: ignore[attr-defined]
+                        # Flush what earlier receivers left in the page cache, so nobody's
+                        # fsync waits behind another receiver's writeback.
+                        os.sync()
                         seconds = send(target, files, n_assoc)
                         got = wait_for(
                             lambda t=target: t.count() >= len(files) and t.count(),

@@ -11,7 +11,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -68,7 +68,7 @@ class StoredFile:
 def find_instance_digest(session_factory: sessionmaker[Session], sop_uid: str) -> str | None:
     """The digest of the indexed instance ``sop_uid``, or None (Core: once per C-STORE)."""
     with session_factory.kw["bind"].connect() as conn:
-        value = conn.scalar(select(Instance.sha256).where(Instance.sop_instance_uid == sop_uid))
+        value = conn.scalar(_DIGEST, {"sop_uid": sop_uid})
     return str(value) if value is not None else None
 
 
@@ -270,7 +270,7 @@ class IndexWriter:
         try:
             conn = self._connection()
             with conn.begin():
-                outcomes = [self._index_one(conn, r) for r in batch]
+                outcomes = self._index_batch(conn, batch)
         except Exception:  # retried one by one below, through the full path
             self._reset()
         else:
@@ -291,53 +291,71 @@ class IndexWriter:
             else:
                 request.future.set_result(outcome)
 
-    def _index_one(self, conn: Connection, r: _Request) -> IndexOutcome:
-        known = self._series.get(r.header.series_instance_uid)
-        if known is None:
-            outcome = index_rows(conn, r.header, r.stored, r.now, r.reopen)
-            row = conn.execute(
-                select(Series.study_id, Series.id).where(
-                    Series.series_instance_uid == r.header.series_instance_uid
-                )
-            ).one()
-            if len(self._series) >= self._CACHE_LIMIT:
-                self._series.clear()
-            self._series[r.header.series_instance_uid] = (int(row[0]), int(row[1]))
-            return outcome
-        study_id, series_id = known
-        # A new instance (the usual case); an existing one raises IntegrityError -> full path.
-        conn.execute(
-            insert(Instance).values(
-                sop_instance_uid=r.header.sop_instance_uid,
-                series_id=series_id,
-                sop_class_uid=r.header.sop_class_uid,
-                transfer_syntax_uid=r.stored.transfer_syntax_uid,
-                instance_number=r.header.instance_number,
-                path=r.stored.relative_path,
-                size_bytes=r.stored.size_bytes,
-                sha256=r.stored.sha256,
-                calling_ae_title=r.stored.calling_ae_title,
-                received_at=r.now,
-            )
-        )
-        moved = conn.execute(
-            update(Study)
-            .where(Study.id == study_id, Study.status == "receiving")
-            .values(last_received_at=r.now)
-        )
-        if moved.rowcount != 1 and r.reopen:  # a late instance re-opens the study
-            conn.execute(
-                update(Study)
-                .where(Study.id == study_id)
-                .values(
-                    status="receiving",
-                    first_received_at=r.now,
-                    last_received_at=r.now,
-                    completion=None,
-                    completed_at=None,
-                )
-            )
-        return IndexOutcome.NEW
+    def _index_batch(self, conn: Connection, batch: list[_Request]) -> list[IndexOutcome]:
+        outcomes: list[IndexOutcome] = []
+        rows: list[dict[str, Any]] = []
+        touched: dict[int, _Request] = {}  # study id -> its latest request
+        for r in batch:
+            known = self._series.get(r.header.series_instance_uid)
+            if known is None:  # first instance of a series here: the full path, then cache
+                outcomes.append(index_rows(conn, r.header, r.stored, r.now, r.reopen))
+                row = conn.execute(_SERIES_IDS, {"series_uid": r.header.series_instance_uid}).one()
+                if len(self._series) >= self._CACHE_LIMIT:
+                    self._series.clear()
+                self._series[r.header.series_instance_uid] = (int(row[0]), int(row[1]))
+                continue
+            # A new instance of a known series (the usual case). An instance that exists
+            # already makes the INSERT fail: the whole batch then takes the full path.
+            study_id, series_id = known
+            rows.append(_instance_row(r, series_id))
+            touched[study_id] = r
+            outcomes.append(IndexOutcome.NEW)
+        if rows:
+            conn.execute(_INSERT_INSTANCE, rows)
+        for study_id, r in touched.items():
+            moved = conn.execute(_TOUCH_STUDY, {"study_id": study_id, "now": r.now})
+            if moved.rowcount != 1 and r.reopen:  # a late instance re-opens the study
+                conn.execute(_REOPEN_STUDY, {"study_id": study_id, "now": r.now})
+        return outcomes
+
+
+# Built once: statements the writer runs for every instance (SQLAlchemy caches compiled forms).
+_INSERT_INSTANCE = insert(Instance)
+_SERIES_IDS = select(Series.study_id, Series.id).where(
+    Series.series_instance_uid == bindparam("series_uid")
+)
+_TOUCH_STUDY = (
+    update(Study)
+    .where(Study.id == bindparam("study_id"), Study.status == "receiving")
+    .values(last_received_at=bindparam("now"))
+)
+_REOPEN_STUDY = (
+    update(Study)
+    .where(Study.id == bindparam("study_id"))
+    .values(
+        status="receiving",
+        first_received_at=bindparam("now"),
+        last_received_at=bindparam("now"),
+        completion=None,
+        completed_at=None,
+    )
+)
+_DIGEST = select(Instance.sha256).where(Instance.sop_instance_uid == bindparam("sop_uid"))
+
+
+def _instance_row(r: _Request, series_id: int) -> dict[str, Any]:
+    return {
+        "sop_instance_uid": r.header.sop_instance_uid,
+        "series_id": series_id,
+        "sop_class_uid": r.header.sop_class_uid,
+        "transfer_syntax_uid": r.stored.transfer_syntax_uid,
+        "instance_number": r.header.instance_number,
+        "path": r.stored.relative_path,
+        "size_bytes": r.stored.size_bytes,
+        "sha256": r.stored.sha256,
+        "calling_ae_title": r.stored.calling_ae_title,
+        "received_at": r.now,
+    }
 
 
 def mark_released(

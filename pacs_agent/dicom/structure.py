@@ -206,3 +206,43 @@ class _Walker:
             else:
                 self._need(pos, length, limit)
                 pos += length
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element of group 0002."""
+    tag = struct.pack("<HH", 0x0002, element)
+    if vr in _LONG_VRS:
+        return tag + vr + b"\x00\x00" + struct.pack("<I", len(value)) + value
+    return tag + vr + struct.pack("<H", len(value)) + value
+
+
+def _ui(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def part10_prefix(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    implementation_class_uid: str,
+    implementation_version: str,
+) -> bytes:
+    """Preamble, ``DICM`` and the File Meta Information (PS3.10 7.1) for a data set received
+    over the network, encoded directly: this runs once per received instance, and building a
+    pydicom FileMetaDataset for it costs more than the rest of the handler."""
+    version = implementation_version.encode("ascii")
+    if len(version) % 2:
+        version += b" "
+    body = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\x00\x01"),
+            _meta_element(0x0002, b"UI", _ui(sop_class_uid)),
+            _meta_element(0x0003, b"UI", _ui(sop_instance_uid)),
+            _meta_element(0x0010, b"UI", _ui(transfer_syntax_uid)),
+            _meta_element(0x0012, b"UI", _ui(implementation_class_uid)),
+            _meta_element(0x0013, b"SH", version),
+        )
+    )
+    group_length = _meta_element(0x0000, b"UL", struct.pack("<I", len(body)))
+    return b"\x00" * 128 + b"DICM" + group_length + body

@@ -25,7 +25,14 @@ from typing import Any, cast
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    AllStoragePresentationContexts,
+    evt,
+)
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -48,6 +55,7 @@ from pacs_agent.dicom.structure import (
     check_complete,
     file_meta_end,
     header_values,
+    part10_prefix,
 )
 from pacs_agent.storage.spool import InvalidUID, Spool
 
@@ -160,6 +168,17 @@ class Receiver:
             return self._studies_by_assoc.pop(id(assoc), set())
 
 
+#: How long pynetdicom's DUL reactor sleeps when it found nothing to do (its default 1 ms).
+#: Every C-STORE waits at least one such sleep before its response leaves; 0.2 ms measured
+#: 1.6x the images/s over one association, for more wake-ups while an association idles.
+DUL_POLL_S = 0.0002
+
+
+def handle_conn_open(event: Any) -> None:
+    """A connection was accepted: shorten the DUL reactor's idle sleep (see DUL_POLL_S)."""
+    event.assoc.dul._run_loop_delay = DUL_POLL_S
+
+
 def handle_requested(event: Any, settings: ListenerSettings) -> None:
     """A-ASSOCIATE-RQ received: reject a caller that is not on the allow-list."""
     assoc = event.assoc
@@ -190,6 +209,22 @@ def handle_rejected(event: Any) -> None:
     )
 
 
+def received_bytes(event: Any) -> bytes:
+    """The C-STORE data set as received, behind its Part-10 preamble and file meta (the same
+    bytes ``event.encoded_dataset()`` gives, without building a pydicom dataset for the meta).
+    """
+    request = event.request
+    prefix = part10_prefix(
+        str(request.AffectedSOPClassUID),
+        str(request.AffectedSOPInstanceUID),
+        str(event.context.transfer_syntax),
+        PYNETDICOM_IMPLEMENTATION_UID,
+        PYNETDICOM_IMPLEMENTATION_VERSION,
+    )
+    stream: bytes = request.DataSet.getvalue()
+    return prefix + stream
+
+
 def read_header(data: bytes, transfer_syntax: UID) -> InstanceHeader:
     """The index's header of a Part-10 byte string, after checking it is complete.
 
@@ -211,7 +246,7 @@ def _decode(event: Any) -> tuple[bytes, InstanceHeader] | Dataset:
     """The received bytes (Part 10) and their header, or the refusal status."""
     request = event.request
     try:
-        data = event.encoded_dataset(include_meta=True)
+        data = received_bytes(event)
         header = read_header(data, event.context.transfer_syntax)
     except InvalidUID as exc:
         log.warning(
@@ -363,6 +398,7 @@ def start_listener(settings: ListenerSettings, receiver: Receiver) -> RunningLis
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # no identifier datasets in logs
     ae = build_ae(settings)
     handlers: list[Any] = [
+        (evt.EVT_CONN_OPEN, handle_conn_open),
         (evt.EVT_REQUESTED, handle_requested, [settings]),
         (evt.EVT_REJECTED, handle_rejected),
         (evt.EVT_C_STORE, handle_store, [receiver]),

@@ -91,3 +91,34 @@ def test_scanner_refuses_truncated_data(tmp_path: Path) -> None:
     data = path.read_bytes()
     with pytest.raises(Truncated):
         read_header(data[:-10], ds.file_meta.TransferSyntaxUID)
+
+
+def test_part10_prefix_equals_the_file_meta_pydicom_writes() -> None:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+
+    from pacs_agent.dicom.structure import part10_prefix
+
+    for sop_uid in ("1.2.3.4", "1.2.3.45"):  # odd and even lengths
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+        meta.ImplementationClassUID = PYNETDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = True, False
+        write_file_meta_info(buffer, meta, enforce_standard=True)
+        expected = b"\x00" * 128 + b"DICM" + buffer.getvalue()
+        assert (
+            part10_prefix(
+                "1.2.840.10008.5.1.4.1.1.2",
+                sop_uid,
+                "1.2.840.10008.1.2.1",
+                PYNETDICOM_IMPLEMENTATION_UID,
+                PYNETDICOM_IMPLEMENTATION_VERSION,
+            )
+            == expected
+        )
