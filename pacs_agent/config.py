@@ -181,6 +181,10 @@ class RoutingRule(Section):
     max_instances: int | None = None
     calling_ae_title: list[str] = Field(default_factory=list)
     """The series was sent by one of these calling AE titles."""
+    idle_timeout_s: float | None = Field(None, ge=0)
+    """This rule's own ``assembler.idle_timeout_s`` (None: the assembler's)."""
+    max_wait_s: float | None = Field(None, gt=0)
+    """This rule's own ``assembler.max_wait_s`` (None: the assembler's)."""
 
     @field_validator("study_description", "series_description")
     @classmethod

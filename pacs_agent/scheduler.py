@@ -29,8 +29,11 @@ from pacs_agent.db.models import Job, Study, utcnow
 from pacs_agent.domain.completeness import (
     CompletenessPolicy,
     Completion,
+    PolicyOverride,
     StudyArrival,
     is_complete,
+    least_patient,
+    most_patient,
 )
 from pacs_agent.domain.jobs import JobStatus
 from pacs_agent.domain.routing import Rule, select_models
@@ -89,6 +92,14 @@ class Scheduler:
         a = settings.assembler
         self.policy = CompletenessPolicy(a.idle_timeout_s, a.unreleased_timeout_s, a.max_wait_s)
         self.rules = rules_from(settings)
+        # Completeness per routing rule: rules with their own timeouts, and the earliest any
+        # policy could close a study (a cheap first check before the study's own policy).
+        self.rule_policies = {
+            r.name: PolicyOverride(r.idle_timeout_s, r.max_wait_s).apply(self.policy)
+            for r in settings.models.rules
+            if r.idle_timeout_s is not None or r.max_wait_s is not None
+        }
+        self.first_check = least_patient([self.policy, *self.rule_policies.values()])
 
     def tick(self) -> None:
         now = self.clock()
@@ -118,12 +129,27 @@ class Scheduler:
             ).all()
         done: list[int] = []
         for study_id, first, last, released in receiving:
-            completion = is_complete(StudyArrival(first, last, released), self.policy, now)
+            arrival = StudyArrival(first, last, released)
+            completion = is_complete(arrival, self.first_check, now)
             if completion is Completion.WAITING:
                 continue
+            if self.rule_policies:
+                completion = is_complete(arrival, self.study_policy(study_id), now)
+                if completion is Completion.WAITING:
+                    continue
             if self._complete(study_id, last, completion, now):
                 done.append(study_id)
         return done
+
+    def study_policy(self, study_id: int) -> CompletenessPolicy:
+        """The completeness policy of a study: the most patient of the rules its series match
+        (``[assembler]`` for rules without their own timeouts, or when none matches)."""
+        with self.session_factory() as session:
+            facts, _ = series_facts(session, study_id)
+        matched = {sel.rule for sel in select_models(facts, self.rules)}
+        return most_patient(
+            [self.rule_policies.get(name, self.policy) for name in matched] or [self.policy]
+        )
 
     def _complete(
         self, study_id: int, last_seen: datetime, completion: Completion, now: datetime

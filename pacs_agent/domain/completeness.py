@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
 
@@ -51,3 +52,47 @@ def is_complete(state: StudyArrival, policy: CompletenessPolicy, now: datetime) 
     if (now - state.first_received_at).total_seconds() >= policy.max_wait_s:
         return Completion.FORCED
     return Completion.WAITING
+
+
+@dataclass(frozen=True)
+class PolicyOverride:
+    """A routing rule's own completeness timeouts; None keeps the ``[assembler]`` value."""
+
+    idle_timeout_s: float | None = None
+    max_wait_s: float | None = None
+
+    def apply(self, default: CompletenessPolicy) -> CompletenessPolicy:
+        return replace(
+            default,
+            idle_timeout_s=default.idle_timeout_s
+            if self.idle_timeout_s is None
+            else self.idle_timeout_s,
+            max_wait_s=default.max_wait_s if self.max_wait_s is None else self.max_wait_s,
+        )
+
+
+def most_patient(policies: Iterable[CompletenessPolicy]) -> CompletenessPolicy:
+    """The policy of a study whose series match several rules: each timeout is the longest
+    any of them asks for, so no rule sees its study closed earlier than it wants.
+    Raises ValueError for no policies."""
+    items = list(policies)
+    if not items:
+        raise ValueError("no completeness policy given")
+    return CompletenessPolicy(
+        idle_timeout_s=max(p.idle_timeout_s for p in items),
+        unreleased_timeout_s=max(p.unreleased_timeout_s for p in items),
+        max_wait_s=max(p.max_wait_s for p in items),
+    )
+
+
+def least_patient(policies: Iterable[CompletenessPolicy]) -> CompletenessPolicy:
+    """The earliest any policy could close a study: a cheap first check before the study's
+    own policy is worked out. Raises ValueError for no policies."""
+    items = list(policies)
+    if not items:
+        raise ValueError("no completeness policy given")
+    return CompletenessPolicy(
+        idle_timeout_s=min(p.idle_timeout_s for p in items),
+        unreleased_timeout_s=min(p.unreleased_timeout_s for p in items),
+        max_wait_s=min(p.max_wait_s for p in items),
+    )
