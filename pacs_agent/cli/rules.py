@@ -50,6 +50,15 @@ def rules_test(
             json.dumps(
                 {
                     "study_instance_uid": study_uid,
+                    "series": [
+                        {
+                            **vars(s),
+                            "sop_class_uids": sorted(s.sop_class_uids),
+                            "image_type": list(s.image_type),
+                            "calling_ae_titles": sorted(s.calling_ae_titles),
+                        }
+                        for s in facts
+                    ],
                     "runs": [vars(s) for s in selections],
                     "verdicts": [{**vars(v), "models": list(v.models)} for v in verdicts],
                 },
@@ -58,9 +67,12 @@ def rules_test(
         )
     else:
         for s in facts:
+            thickness = f"{s.slice_thickness:g} mm" if s.slice_thickness is not None else "-"
             typer.echo(
                 f"series {s.series_instance_uid}: {s.modality or '-'}, "
-                f"{s.num_instances} instances, {s.series_description or '(no description)'}"
+                f"{s.num_instances} instances, {s.series_description or '(no description)'}, "
+                f"ImageType {'/'.join(s.image_type) or '-'}, SliceThickness {thickness}, "
+                f"sent by {', '.join(sorted(s.calling_ae_titles)) or '-'}"
             )
             for v in verdicts:
                 if v.series_instance_uid != s.series_instance_uid:

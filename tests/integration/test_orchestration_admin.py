@@ -62,8 +62,15 @@ def test_admin_commands_list_explain_reprocess_retry_and_cancel_with_an_audit_tr
         assert "rule ct: runs demo_ct_blob_seg" in out.stdout
         assert "rule broken: no: sent by ['TESTSCU'], not by ['BROKEN']" in out.stdout
         out = site.cli("rules", "test", odd, "--json")
-        runs = {r["model"] for r in json.loads(out.stdout)["runs"]}
-        assert runs == {"demo_ct_blob_seg", "no_such_model"}
+        explained = json.loads(out.stdout)
+        assert {r["model"] for r in explained["runs"]} == {"demo_ct_blob_seg", "no_such_model"}
+        (facts,) = explained["series"]
+        # What the listener indexed for the rules: from the headers received over DICOM.
+        assert facts["image_type"] == ["ORIGINAL", "PRIMARY", "AXIAL"]
+        assert facts["slice_thickness"] == 2.0
+        assert facts["sop_class_uids"] == ["1.2.840.10008.5.1.4.1.1.2"]
+        assert facts["calling_ae_titles"] == ["BROKEN"]
+        assert facts["body_part_examined"] == "ABDOMEN" and facts["num_instances"] == 12
         assert site.cli("rules", "test", "1.2.3.4").returncode == 3
 
         # jobs list and show, with filters.
