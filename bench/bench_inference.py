@@ -36,7 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 from pacs_agent.catalog import ModelCard, read_card  # noqa: E402
 from pacs_agent.demo.synthetic import make_ct_study, write_study  # noqa: E402
-from workers.runtime.bundle import BundleRunner  # noqa: E402
+from pacs_agent.dicom.geometry import segment_results  # noqa: E402
+from pacs_agent.dicom.volume import plan_volume, read_volume  # noqa: E402
+from workers.runtime.bundle import BundleRunner, labels_on_frames, write_nifti  # noqa: E402
 from workers.runtime.series import RunnerCache, run_model  # noqa: E402
 
 SPLEEN = ROOT.parent / "shared" / "model-zoo" / "spleen_ct_segmentation"
@@ -86,6 +88,34 @@ def _monai_reader(runner: BundleRunner, folder: Path) -> tuple[float, Any]:
     started = time.perf_counter()
     mask = runner.segment(folder, headers)
     return time.perf_counter() - started, mask
+
+
+def _stages(runner: BundleRunner, card: ModelCard, folder: Path) -> list[tuple[str, float]]:
+    """The worker's path on one series, stage by stage."""
+    times: list[tuple[str, float]] = []
+    started = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal started
+        now = time.perf_counter()
+        times.append((name, now - started))
+        started = now
+
+    datasets = [pydicom.dcmread(p) for p in sorted(folder.iterdir())]
+    lap("read files")
+    plan = plan_volume(datasets, min_slices=card.accepts.min_slices)
+    volume = read_volume(datasets, plan)
+    lap("checks + decode + rescale (series to volume)")
+    with tempfile.TemporaryDirectory(prefix="bench-nifti-") as tmp:
+        path = write_nifti(volume, plan.affine, Path(tmp) / "v.nii")
+        lap("NIfTI hand-off (write)")
+        labels, affine = runner.predict(path)
+        lap("bundle: LoadImaged (NIfTI) + preprocessing + network + postprocessing")
+    mask = labels_on_frames(labels, affine, datasets)
+    lap("labels back on the source frames")
+    segment_results(mask, datasets, card.segments)
+    lap("segment statistics (volume, mean HU)")
+    return times
 
 
 def main() -> int:
@@ -139,6 +169,8 @@ def main() -> int:
                     )
                 )
             rows.append((device, "model loads for 2 series", str(cache.loads), "must be 1"))
+            for name, seconds in _stages(runner, card, series[0]):
+                rows.append((device, f"stage: {name}", f"{seconds:.2f} s", "series 1 again"))
             memory = f"peak RSS {_peak_rss_mib():.0f} MiB"
             if device.startswith("cuda"):
                 memory += f", peak CUDA {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"

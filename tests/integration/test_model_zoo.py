@@ -217,3 +217,36 @@ def test_bundle_with_scripts_yaml_subkey_references_and_torchscript_weights_runs
     hu = np.stack([pydicom.pixels.apply_modality_lut(ds.pixel_array, ds) for ds in datasets])
     expected = (hu > 100).astype(np.uint8)
     assert float((mask == expected).mean()) > 0.999
+
+
+DEMO_BUNDLES = ROOT / "workers" / "bundles"
+
+
+def test_demo_classifier_flags_opacities_in_cr_and_dx_monochrome1_or_2() -> None:
+    card = read_card(DEMO_BUNDLES / "demo_cr_nodule_cls")
+    cache = RunnerCache({}, "cpu")
+    rng = np.random.default_rng(77)
+    for i, (finding, modality, inverted) in enumerate(
+        [(True, "CR", False), (False, "CR", True), (True, "DX", True), (False, "DX", False)]
+    ):
+        ds = radiograph_dataset(
+            make_radiograph(rng, finding),
+            patient_id=f"DEMOCLS{i}",
+            modality=modality,
+            monochrome1=inverted,
+        )
+        output = run_model(cache, card, [ds])
+        (result,) = output.classifications
+        assert (result.finding.value, result.label, result.threshold) == ("27925004", "Nodule", 0.5)
+        assert result.flag is finding, (modality, inverted, result.probability)
+    assert cache.loads == 1
+
+
+def test_model_refuses_a_series_outside_its_accepts_with_the_reason(
+    real_ct: tuple[Path, list[Dataset]],
+) -> None:
+    from workers.runtime.series import ModelInputError
+
+    card = read_card(DEMO_BUNDLES / "demo_cr_nodule_cls")
+    with pytest.raises(ModelInputError, match=r"Modality CT is not one of \['CR', 'DX'\]"):
+        run_model(RunnerCache({}, "cpu"), card, real_ct[1])
