@@ -9,6 +9,8 @@ command -v dsrdump >/dev/null || missing+=(dcmtk)
 command -v dciodvfy >/dev/null || missing+=(dicom3tools)
 command -v Orthanc >/dev/null || missing+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
+command -v redis-server >/dev/null || missing+=(redis-server)  # brokers of the orchestration tests
+command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
 [ ${#missing[@]} -eq 0 ] && exit 0
 mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
 if [ "$(id -u)" -ne 0 ]; then
