@@ -7,15 +7,49 @@ broker only delivers (DESIGN invariant 2).
 
 from __future__ import annotations
 
+import os
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from celery import Celery
+from kombu.exceptions import ChannelError
+from kombu.transport import filesystem
+from kombu.utils.json import dumps
 
 from pacs_agent.config import Settings
 
 RUN_INFERENCE = "pacs_agent.run_inference"
 EXPORT_RESULTS = "pacs_agent.export_results"
+
+
+class _AtomicFilesystemChannel(filesystem.Channel):
+    """kombu's filesystem channel, but a message appears in the queue folder only whole.
+
+    kombu 5.7 writes a message in place; a consumer polling at the same moment can take the
+    file while it is still empty, fail to decode it and die, and the message is gone (the
+    sweeper sends the job again only after ``worker.requeue_after_s``). Here the message is
+    written under a name no consumer looks at and renamed into the queue folder (a rename is
+    atomic on one file system, and only one consumer can win the consumer's own rename).
+    """
+
+    def _put(self, queue: Any, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        folder = str(self.data_folder_out)
+        incoming = os.path.join(folder, f".incoming-{uuid.uuid4()}")
+        try:
+            with open(incoming, "wb") as f:
+                f.write(dumps(payload).encode())  # type: ignore[no-untyped-call]
+            os.replace(incoming, os.path.join(folder, name))
+        except OSError as exc:
+            raise ChannelError(f"cannot add a message to {folder}: {exc}") from exc
+
+
+class AtomicFilesystemTransport(filesystem.Transport):
+    """The embedded broker: kombu's filesystem transport with whole-message writes."""
+
+    Channel = _AtomicFilesystemChannel
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -44,6 +78,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         for d in (queue_dir, control_dir):
             d.mkdir(parents=True, exist_ok=True)
         conf["broker_url"] = "filesystem://"
+        conf["broker_transport"] = f"{__name__}:AtomicFilesystemTransport"
         conf["broker_transport_options"] = {
             "data_folder_in": str(queue_dir),
             "data_folder_out": str(queue_dir),
