@@ -5,7 +5,8 @@ The objects are made the way the inference worker makes them (segment_results, d
 UIDs, build_segmentation, build_measurement_report) from real model outputs: the demo
 segmentation bundle on a synthetic CT study and on the real JPEG 2000 CT, the unchanged Model
 Zoo spleen bundle (seeded random weights: no pretrained weights can be downloaded here) on the
-real CT, and a classification result on the real CT.
+real CT, the demo classifier on synthetic CR and DX radiographs, and a classification result
+on the real CT.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from monai.bundle import ConfigParser
 from pydicom import Dataset
 
 from pacs_agent.catalog import read_card
+from pacs_agent.demo.radiograph import make_radiograph, radiograph_dataset
 from pacs_agent.demo.synthetic import make_ct_study_with_truth
 from pacs_agent.dicom.geometry import segment_results
 from pacs_agent.dicom.io import write_dataset
@@ -40,11 +42,13 @@ from pacs_agent.domain.uids import device_uid, job_result_uids
 from tests.helpers.dicom_results import dciodvfy_errors, dsrdump
 from tests.helpers.realct import REAL_CT_DIR, repair_real_ct
 from workers.runtime.bundle import BundleRunner
+from workers.runtime.series import RunnerCache, run_model
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_BUNDLE = ROOT / "workers" / "bundles" / "demo_ct_blob_seg"
+DEMO_CLASSIFIER = ROOT / "workers" / "bundles" / "demo_cr_nodule_cls"
 SPLEEN_BUNDLE = ROOT.parent / "shared" / "model-zoo" / "spleen_ct_segmentation"
 #: A configured UID root other than 2.25, so that every derived UID is seen to use it.
 UID_ROOT = "1.2.826.0.1.3680043.8.498"
@@ -220,3 +224,26 @@ def test_classification_sr_on_the_real_ct_is_valid(
     groups = content.get_image_measurement_groups()
     assert len(groups) == 2
     assert all(str(g.tracking_uid).startswith(UID_ROOT + ".") for g in groups)
+
+
+@pytest.mark.parametrize(("modality", "finding"), [("CR", True), ("DX", False)])
+def test_demo_classifier_sr_on_a_radiograph_is_valid(
+    tmp_path: Path, modality: str, finding: bool
+) -> None:
+    card = read_card(DEMO_CLASSIFIER)
+    image = make_radiograph(np.random.default_rng(7), finding)
+    source = radiograph_dataset(image, patient_id=f"VALID-{modality}", modality=modality)
+    output = run_model(RunnerCache({}, "cpu"), card, [source])
+    assert output.mask is None and output.classifications
+    seg_path, sr_path, result = _emit(
+        [source], None, card.algorithm(UID_ROOT), [], tmp_path, output.classifications
+    )
+    assert seg_path is None
+    content = _assert_sr_valid(sr_path, result)
+    groups = content.get_image_measurement_groups()
+    assert len(groups) == len(output.classifications)
+    for group, classification in zip(groups, output.classifications, strict=True):
+        (probability,) = group.get_measurements(
+            name=hd.sr.CodedConcept("122157", "DCM", "Probability")
+        )
+        assert float(probability.value) == pytest.approx(classification.probability)
