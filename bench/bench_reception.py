@@ -3,7 +3,9 @@
 Generates CT instances (512x512 int16), sends them with dcmtk storescu (TCP_NODELAY=1 on every
 side, see FACTS: the Nagle trap) over 1 and over 4 concurrent associations, to each receiver
 in turn (the order rotates every run), each receiver started fresh for each send. Prints the
-median images/s of each receiver and its ratio to storescp. ``--rss N`` also sends N instances
+median images/s of each receiver and its ratio to storescp. A fourth receiver, plain pynetdicom
+writing the encoded bytes with no fsync and no index (bench/plain_scp.py), shows what the
+library alone reaches in the same run. ``--rss N`` also sends N instances
 to one pacs-agent and reports the peak RSS (VmHWM) of its ``serve`` process.
 
     .venv/bin/python bench/bench_reception.py --instances 500 --runs 3 --rss 2000
@@ -115,6 +117,23 @@ def orthanc(workdir: Path) -> Iterator[Started]:
         server.stop()
 
 
+@contextmanager
+def plain_pynetdicom(workdir: Path) -> Iterator[Started]:
+    out = workdir / "plain"
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "plain_scp.py"), str(port), str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_port(port)
+        yield Started(port, "PLAINSCP", lambda: len(list(out.iterdir())))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+
+
 def _agent_count(agent: Agent) -> int:
     import sqlite3
 
@@ -137,6 +156,7 @@ def pacs_agent(workdir: Path, env: dict[str, str] | None = None) -> Iterator[Sta
 RECEIVERS: dict[str, Callable[[Path], Iterator[Started]]] = {
     "storescp": storescp,  # type: ignore[dict-item]
     "orthanc": orthanc,  # type: ignore[dict-item]
+    "pynetdicom (bytes, no fsync)": plain_pynetdicom,  # type: ignore[dict-item]
     "pacs-agent": pacs_agent,  # type: ignore[dict-item]
 }
 
@@ -248,7 +268,7 @@ def main() -> int:
                     rate = len(files) / seconds
                     rates.setdefault((name, n_assoc), []).append(rate)
                     print(
-                        f"run {run + 1} {n_assoc} assoc {name:10s} {rate:7.1f} img/s ({got})",
+                        f"run {run + 1} {n_assoc} assoc {name:28s} {rate:7.1f} img/s ({got})",
                         flush=True,
                     )
                     shutil.rmtree(workdir, ignore_errors=True)

@@ -212,9 +212,15 @@ class IndexWriter:
 
     _CACHE_LIMIT = 4096
 
-    def __init__(self, session_factory: sessionmaker[Session], max_batch: int = 64) -> None:
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        max_batch: int = 64,
+        timeout_s: float = 120.0,
+    ) -> None:
         self.session_factory = session_factory
         self.max_batch = max_batch
+        self.timeout_s = timeout_s
         self._queue: queue.SimpleQueue[_Request | None] = queue.SimpleQueue()
         self._conn: Connection | None = None
         self._series: dict[str, tuple[int, int]] = {}  # series UID -> (study id, series id)
@@ -226,7 +232,9 @@ class IndexWriter:
     ) -> IndexOutcome:
         request = _Request(header, stored, now, reopen)
         self._queue.put(request)
-        return request.future.result()
+        # A database that hangs (a lock never released) must still end in 0xA700, not a
+        # C-STORE that never gets its answer.
+        return request.future.result(timeout=self.timeout_s)
 
     def close(self) -> None:
         self._queue.put(None)
