@@ -3,10 +3,10 @@ highdicom's readers (SEG masks back on their source instances), and dsrdump read
 
 The objects are made the way the inference worker makes them (segment_results, deterministic
 UIDs, build_segmentation, build_measurement_report) from real model outputs: the demo
-segmentation bundle on a synthetic CT study and on the real JPEG 2000 CT, the unchanged Model
-Zoo spleen bundle (seeded random weights: no pretrained weights can be downloaded here) on the
-real CT, the demo classifier on synthetic CR and DX radiographs, and a classification result
-on the real CT.
+segmentation bundle on a synthetic CT study, the unchanged Model Zoo spleen and whole-body
+bundles (seeded random weights: no pretrained weights can be downloaded here) on the real
+JPEG 2000 CT, the demo classifier on synthetic CR and DX radiographs; plus a not-detected SR
+and a classification SR on the real CT.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pacs_agent.dicom.geometry import segment_results
 from pacs_agent.dicom.io import write_dataset
 from pacs_agent.dicom.seg import build_segmentation
 from pacs_agent.dicom.sr import build_measurement_report
+from pacs_agent.dicom.volume import plan_volume
 from pacs_agent.domain.results import (
     AlgorithmSpec,
     ClassificationResult,
@@ -50,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO_BUNDLE = ROOT / "workers" / "bundles" / "demo_ct_blob_seg"
 DEMO_CLASSIFIER = ROOT / "workers" / "bundles" / "demo_cr_nodule_cls"
 SPLEEN_BUNDLE = ROOT.parent / "shared" / "model-zoo" / "spleen_ct_segmentation"
+WHOLE_BODY_BUNDLE = ROOT.parent / "shared" / "model-zoo" / "wholeBody_ct_segmentation"
 #: A configured UID root other than 2.25, so that every derived UID is seen to use it.
 UID_ROOT = "1.2.826.0.1.3680043.8.498"
 
@@ -152,26 +154,30 @@ def test_demo_bundle_objects_on_a_synthetic_study_are_valid(tmp_path: Path) -> N
     assert float(volume.value) == pytest.approx(result.segments[0].volume_mm3)
 
 
+def _seeded_bundle(source: Path, target: Path) -> tuple[Path, AlgorithmSpec]:
+    """``source``'s configs (linked, unchanged) with seeded random weights, and the model's
+    algorithm identification (name and version from its metadata)."""
+    target.mkdir()
+    (target / "configs").symlink_to(source / "configs", target_is_directory=True)
+    parser = ConfigParser()
+    parser.read_config(str(source / "configs" / "inference.json"))
+    torch.manual_seed(0)
+    (target / "models").mkdir()
+    torch.save(
+        parser.get_parsed_content("network_def").state_dict(), target / "models" / "model.pt"
+    )
+    version = json.loads((source / "configs" / "metadata.json").read_text())["version"]
+    model = AlgorithmSpec(
+        name=source.name, version=version, device_uid=device_uid(UID_ROOT, source.name, version)
+    )
+    return target, model
+
+
 def test_spleen_bundle_objects_on_the_real_ct_are_valid(
     tmp_path: Path, real_ct: tuple[Path, list[Dataset]]
 ) -> None:
     folder, sources = real_ct
-    bundle = tmp_path / "spleen_ct_segmentation"
-    bundle.mkdir()
-    (bundle / "configs").symlink_to(SPLEEN_BUNDLE / "configs", target_is_directory=True)
-    parser = ConfigParser()
-    parser.read_config(str(SPLEEN_BUNDLE / "configs" / "inference.json"))
-    torch.manual_seed(0)
-    (bundle / "models").mkdir()
-    torch.save(
-        parser.get_parsed_content("network_def").state_dict(), bundle / "models" / "model.pt"
-    )
-    version = json.loads((SPLEEN_BUNDLE / "configs" / "metadata.json").read_text())["version"]
-    model = AlgorithmSpec(
-        name="spleen_ct_segmentation",
-        version=version,
-        device_uid=device_uid(UID_ROOT, "spleen_ct_segmentation", version),
-    )
+    bundle, model = _seeded_bundle(SPLEEN_BUNDLE, tmp_path / "spleen_ct_segmentation")
     mask = BundleRunner(bundle, device="cpu").segment(folder, sources)
     assert mask.shape == (20, 512, 512)
     # Random weights label some voxels; if none were, the test would only see the empty path.
@@ -186,6 +192,35 @@ def test_spleen_bundle_objects_on_the_real_ct_are_valid(
     )
     assert result.segments[0].mean_hu is not None
     assert float(hu.value) == pytest.approx(result.segments[0].mean_hu)
+
+
+def test_whole_body_bundle_objects_with_dozens_of_segments_on_the_real_ct_are_valid(
+    tmp_path: Path, real_ct: tuple[Path, list[Dataset]]
+) -> None:
+    _, sources = real_ct
+    bundle, model = _seeded_bundle(WHOLE_BODY_BUNDLE, tmp_path / "wholeBody_ct_segmentation")
+    runner = BundleRunner(bundle, device="cpu", overrides={"displayable_configs#highres": False})
+    mask = runner.segment_series(sources, plan_volume(sources))
+    metadata = json.loads((WHOLE_BODY_BUNDLE / "configs" / "metadata.json").read_text())
+    channels = metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
+    # The labels by name, each coded generically (a real model card codes every structure).
+    structure = CodedConcept("91723000", "SCT", "Anatomical Structure")
+    category = CodedConcept("123037004", "SCT", "Anatomical Structure")
+    specs = [
+        SegmentSpec(int(number), label, category, structure)
+        for number, label in channels.items()
+        if number != "0"
+    ]
+    found = sorted(int(v) for v in np.unique(mask) if v)
+    assert len(found) > 10  # random weights label many structures: many segments
+    seg_path, sr_path, result = _emit(sources, mask, model, specs, tmp_path)
+    assert seg_path is not None
+    _assert_seg_valid(seg_path, sources, mask)
+    seg = hd.seg.segread(seg_path)
+    labels = [str(item.SegmentLabel) for item in seg.SegmentSequence]
+    assert labels == [channels[str(number)] for number in found]
+    content = _assert_sr_valid(sr_path, result)
+    assert len(content.get_volumetric_roi_measurement_groups()) == len(found)
 
 
 def test_a_demo_model_result_with_nothing_found_on_the_real_ct_emits_a_valid_not_detected_sr(
