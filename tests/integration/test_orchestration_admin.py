@@ -97,6 +97,14 @@ def test_admin_commands_list_explain_reprocess_retry_and_cancel_with_an_audit_tr
         out = site.cli("reprocess", "--study", good, "--force", "--dry-run", "--actor", "t")
         assert out.returncode == 0 and "would create" in out.stdout
         assert len(jobs_of(site.database_url)) == 3
+        out = site.cli(
+            "reprocess", "--from", "1900-01-01", "--to", "29991231", "--dry-run", "--force"
+        )
+        assert out.returncode == 0 and out.stdout.count("would create") == 3, out.stdout
+        out = site.cli("reprocess", "--from", "29990101", "--dry-run")
+        assert out.returncode == 3
+        assert site.cli("reprocess", "--from", "yesterday").returncode == 2
+        assert len(jobs_of(site.database_url)) == 3
         assert site.cli("reprocess").returncode == 2
         assert site.cli("reprocess", "--accession", "NO-SUCH").returncode == 3
 
