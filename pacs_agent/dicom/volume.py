@@ -10,7 +10,7 @@ can act on:
 * missing slices (a gap that is a whole number of slice steps) and otherwise uneven spacing;
 * gantry tilt (the slices step along a direction that is not their normal), unless allowed: then
   the affine is sheared along the real step, which is exactly where the slices are;
-* frames of different sizes or pixel spacings;
+* frames of different sizes or pixel spacings, and colour images;
 * too few slices for the model.
 
 :func:`read_volume` then decodes the pixels (compressed transfer syntaxes through pydicom's
@@ -244,6 +244,12 @@ def plan_volume(
     """
     if not datasets:
         raise SeriesVolumeError("the series has no instances")
+    colour = [ds for ds in datasets if int(ds.get("SamplesPerPixel", 1) or 1) > 1]
+    if colour:
+        raise SeriesVolumeError(
+            f"colour images (SamplesPerPixel {colour[0].SamplesPerPixel}, "
+            f"{colour[0].get('PhotometricInterpretation', '?')}) cannot be a grey-level volume"
+        )
     frames = frames_of(datasets)
     localizers = [
         f.uid for f in frames if _is_localizer(datasets[f.dataset_index]) and len(frames) > 1
@@ -369,8 +375,6 @@ def _frame_pixels(ds: Dataset, frame: Frame, cache: dict[int, np.ndarray]) -> np
                 f"(transfer syntax {syntax}): {exc}"
             ) from exc
     pixels = cache[frame.dataset_index]
-    if pixels.ndim == 3 and "SamplesPerPixel" in ds and int(ds.SamplesPerPixel) > 1:
-        raise SeriesVolumeError("colour images are not supported by the volume reader")
     if frame.frame_index is not None and pixels.ndim == 3:
         return np.asarray(pixels[frame.frame_index])
     return pixels

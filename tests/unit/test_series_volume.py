@@ -200,3 +200,9 @@ def test_three_slice_liver_ct_from_dcmqi_is_one_volume() -> None:
     plan = plan_volume(_series(folder))
     assert plan.shape == (512, 512, 3)
     assert plan.spacing[2] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_colour_image_is_refused_with_a_reason() -> None:
+    ds = pydicom.dcmread(_testdata("SC_rgb_small_odd.dcm"))
+    with pytest.raises(SeriesVolumeError, match="colour images"):
+        plan_volume([ds])
