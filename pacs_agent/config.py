@@ -104,6 +104,10 @@ class ListenerSettings(Section):
     """PEM private key of ``tls_certificate``."""
     tls_client_ca: Path | None = None
     """PEM CA bundle: when set, callers must present a client certificate it signed."""
+    dul_idle_sleep_s: float = Field(0.0002, gt=0, le=0.01)
+    """How long the DICOM upper layer loop sleeps when it found nothing to do (pynetdicom's
+    default is 0.001). Each C-STORE response waits for such a wake-up: shorter answers sooner,
+    at the cost of more wake-ups while an association idles."""
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ListenerSettings:

@@ -168,6 +168,12 @@ class Receiver:
             return self._studies_by_assoc.pop(id(assoc), set())
 
 
+def handle_conn_open(event: Any, settings: ListenerSettings) -> None:
+    """A connection was accepted: set its upper layer's idle sleep (``dul_idle_sleep_s``;
+    a private attribute of pynetdicom's DUL, which has no public setting for it)."""
+    event.assoc.dul._run_loop_delay = settings.dul_idle_sleep_s
+
+
 def handle_requested(event: Any, settings: ListenerSettings) -> None:
     """A-ASSOCIATE-RQ received: reject a caller that is not on the allow-list."""
     assoc = event.assoc
@@ -387,6 +393,7 @@ def start_listener(settings: ListenerSettings, receiver: Receiver) -> RunningLis
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # no identifier datasets in logs
     ae = build_ae(settings)
     handlers: list[Any] = [
+        (evt.EVT_CONN_OPEN, handle_conn_open, [settings]),
         (evt.EVT_REQUESTED, handle_requested, [settings]),
         (evt.EVT_REJECTED, handle_rejected),
         (evt.EVT_C_STORE, handle_store, [receiver]),

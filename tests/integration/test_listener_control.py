@@ -204,3 +204,15 @@ def test_serve_refuses_to_start_on_a_network_address_without_allow_list(tmp_path
 def test_allowed_caller_hosts_must_be_addresses() -> None:
     with pytest.raises(ValueError):
         AllowedCaller(ae_title="CT", hosts=["scanner.example"])
+
+
+def test_upper_layer_idle_sleep_setting_reaches_each_association(tmp_path: Path) -> None:
+    cfg, server = _start(tmp_path, dul_idle_sleep_s=0.005)
+    try:
+        assoc = _associate(cfg, "A")
+        assert assoc.is_established
+        acceptors = server.server.active_associations  # type: ignore[attr-defined]
+        assert [a.dul._run_loop_delay for a in acceptors] == [0.005]
+        assoc.release()
+    finally:
+        server.shutdown()  # type: ignore[attr-defined]
