@@ -35,7 +35,6 @@ A card, in full::
     label = "Spleen"
     category = { value = "123037004", scheme = "SCT", meaning = "Anatomical Structure" }
     type = { value = "78961009", scheme = "SCT", meaning = "Spleen" }
-    flag_volume_mm3 = 0.0            # flag when the volume is at least this (and > 0)
 
     [[findings]]                     # classification: output channel -> coded finding
     index = 1
@@ -84,7 +83,6 @@ class _Segment(BaseModel):
     label: str = Field(min_length=1, max_length=64)
     category: _Code
     type: _Code
-    flag_volume_mm3: float = Field(0.0, ge=0)
 
 
 class _Finding(BaseModel):
@@ -201,7 +199,6 @@ class ModelCard:
     bundle_dir: Path
     accepts: AcceptsSpec = field(default_factory=AcceptsSpec)
     findings: tuple[FindingSpec, ...] = ()
-    flag_volume_mm3: dict[int, float] = field(default_factory=dict)
     overrides: dict[str, Any] = field(default_factory=dict)
     input: str = "volume"
     card_path: Path | None = None
@@ -240,7 +237,6 @@ class ModelCard:
                     "label": s.label,
                     "category": vars(s.category),
                     "type": vars(s.type),
-                    "flag_volume_mm3": self.flag_volume_mm3.get(s.number, 0.0),
                 }
                 for s in self.segments
             ],
@@ -359,7 +355,6 @@ def read_card(bundle_dir: Path) -> ModelCard:
         findings=tuple(
             FindingSpec(f.index, f.label, f.code.concept(), f.threshold) for f in card.findings
         ),
-        flag_volume_mm3={s.number: s.flag_volume_mm3 for s in card.segments},
         overrides=dict(card.runtime.overrides),
         input=card.runtime.input,
         card_path=card_path,
