@@ -250,3 +250,39 @@ def test_model_refuses_a_series_outside_its_accepts_with_the_reason(
     card = read_card(DEMO_BUNDLES / "demo_cr_nodule_cls")
     with pytest.raises(ModelInputError, match=r"Modality CT is not one of \['CR', 'DX'\]"):
         run_model(RunnerCache({}, "cpu"), card, real_ct[1])
+
+
+def test_classifier_training_script_is_reproducible_and_fits_the_bundle(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    states = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "workers.training.train_demo_cls",
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--train-size",
+                "64",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "held-out accuracy" in done.stdout
+        states.append(torch.load(out / "models" / "model.pt", weights_only=True))
+        (out / "configs").symlink_to(
+            DEMO_BUNDLES / "demo_cr_nodule_cls" / "configs", target_is_directory=True
+        )
+        BundleRunner(out, device="cpu", task="classification")  # the weights fit the network
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
