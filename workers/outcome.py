@@ -12,6 +12,7 @@ import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from pacs_agent.db.jobs import transition
@@ -27,8 +28,34 @@ log = logging.getLogger(__name__)
 _PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
+def causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling (MONAI wraps the
+    errors of its transforms in ``RuntimeError('applying transform ...')``)."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 20:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The reason shown on a failed job: a time limit says so, even wrapped."""
+    for cause in causes(exc):
+        if isinstance(cause, SoftTimeLimitExceeded):
+            return "SoftTimeLimitExceeded: the model run took longer than its soft time limit"
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
 def is_transient(exc: BaseException) -> bool:
-    """True when trying again later may succeed."""
+    """True when trying again later may succeed (looking through wrapped exceptions)."""
+    chain = causes(exc)
+    if any(isinstance(c, SoftTimeLimitExceeded) for c in chain):
+        return False
+    return any(_transient(c) for c in chain)
+
+
+def _transient(exc: BaseException) -> bool:
     if isinstance(exc, TransientError | OperationalError | ConnectionError | TimeoutError):
         return True
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
@@ -42,7 +69,7 @@ def is_transient(exc: BaseException) -> bool:
 def fail_or_retry(ctx: WorkerContext, job_id: int, exc: BaseException) -> str:
     """End a running job after ``exc``: back to ``queued`` with a delayed message when the
     error is transient and attempts remain, else ``failed`` with the reason."""
-    reason = f"{type(exc).__name__}: {exc}"[:2000]
+    reason = failure_reason(exc)
     w = ctx.settings.worker
     with ctx.session_factory() as session:
         job = session.get(Job, job_id)

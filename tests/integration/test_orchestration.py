@@ -83,8 +83,8 @@ class Site:
             timeout=120,
         )
 
-    def send(self, seed: int, calling_ae: str = "TESTSCU") -> str:
-        study_uid, files = small_study(self.workdir / "studies", seed)
+    def send(self, seed: int, calling_ae: str = "TESTSCU", size: int = 64, slices: int = 12) -> str:
+        study_uid, files = small_study(self.workdir / "studies", seed, slices=slices, size=size)
         send_study(files, self.agent.port, calling_ae)
         return study_uid
 

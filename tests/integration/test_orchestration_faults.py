@@ -214,8 +214,10 @@ hard_s = 0.05
 """
     env = {"PACS_AGENT_WORKER__MAX_ATTEMPTS": "2"}
     with make_site(tmp_path, None, env=env, config_toml=config) as site:
-        site.send(61, calling_ae="SOFT")
-        site.send(62, calling_ae="HARD")
+        # Celery's pool checks time limits about once a second: runs of a few seconds
+        # (larger studies) are sure to be caught.
+        site.send(61, calling_ae="SOFT", size=256, slices=48)
+        site.send(62, calling_ae="HARD", size=256, slices=48)
 
         def ended() -> list[Job] | None:
             jobs = jobs_of(site.database_url)

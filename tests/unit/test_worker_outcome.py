@@ -10,7 +10,7 @@ from sqlalchemy.exc import OperationalError
 
 from pacs_agent.catalog import CatalogError
 from pacs_agent.domain.jobs import TransientError
-from workers.outcome import is_transient
+from workers.outcome import failure_reason, is_transient
 
 
 class OutOfMemoryError(RuntimeError):
@@ -45,3 +45,26 @@ def test_resource_hiccups_are_retried(exc: BaseException) -> None:
 )
 def test_bad_input_bugs_and_time_limits_fail_at_once(exc: BaseException) -> None:
     assert not is_transient(exc)
+
+
+def _wrapped(inner: BaseException) -> RuntimeError:
+    """What MONAI raises when a transform fails: a RuntimeError from the real error."""
+    try:
+        try:
+            raise inner
+        except BaseException as exc:
+            raise RuntimeError("applying transform <AsDiscreted>") from exc
+    except RuntimeError as outer:
+        return outer
+
+
+def test_a_time_limit_inside_a_monai_transform_is_still_a_time_limit() -> None:
+    exc = _wrapped(SoftTimeLimitExceeded())
+    assert not is_transient(exc)
+    assert failure_reason(exc).startswith("SoftTimeLimitExceeded")
+
+
+def test_a_transient_error_inside_a_monai_transform_is_retried() -> None:
+    exc = _wrapped(OSError(errno.EIO, "Input/output error"))
+    assert is_transient(exc)
+    assert failure_reason(exc) == "RuntimeError: applying transform <AsDiscreted>"
