@@ -42,10 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings)
     queues = args.queues or f"{settings.broker.inference_queue},{settings.broker.io_queue}"
     if settings.broker.inference_queue in queues.split(","):
-        # Import torch and MONAI once, before the pool forks: a job's time limits then
-        # count its own work, not the first import (and each child starts warm).
-        import workers.inference
-        import workers.runtime.bundle  # noqa: F401
+        # Each pool process imports torch and MONAI as it starts, so a job's time limits
+        # count its own work, not the first import. After the fork, not before: a pool
+        # process forked from a parent holding torch could hang when it replaced one killed
+        # at its hard time limit (the time-limit test caught it).
+        from celery.signals import worker_process_init
+
+        def _warm(**_: object) -> None:
+            import workers.inference
+            import workers.runtime.bundle  # noqa: F401
+
+        worker_process_init.connect(_warm, weak=False)
+        app.conf.worker_proc_alive_timeout = 120.0  # the import takes seconds on a busy host
     concurrency = args.concurrency or settings.worker.concurrency
     app.worker_main(
         [

@@ -7,9 +7,9 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import select
 
 from pacs_agent.config import Settings
 from pacs_agent.db.jobs import transition
@@ -184,11 +184,9 @@ def _models_with_a_second_demo(tmp_path: Path) -> Path:
     return models
 
 
-def test_soft_time_limit_fails_the_job_and_hard_limit_kills_until_attempts_run_out(
-    tmp_path: Path,
-) -> None:
+def _time_limited_site(tmp_path: Path, soft: tuple[float, float], hard: tuple[float, float]) -> str:
     models = _models_with_a_second_demo(tmp_path)
-    config = f"""
+    return f"""
 [models]
 directory = "{models}"
 
@@ -205,38 +203,50 @@ calling_ae_title = ["HARD"]
 models = ["demo_hung"]
 
 [models.time_limits.demo_ct_blob_seg]
-soft_s = 0.01
-hard_s = 60
+soft_s = {soft[0]}
+hard_s = {soft[1]}
 
 [models.time_limits.demo_hung]
-soft_s = 50
-hard_s = 0.05
+soft_s = {hard[0]}
+hard_s = {hard[1]}
 """
+
+
+def _wait_failed(site: Any, n: int) -> list[Job]:
+    def ended() -> list[Job] | None:
+        jobs = jobs_of(site.database_url)
+        return jobs if len(jobs) == n and all(j.status == "failed" for j in jobs) else None
+
+    try:
+        jobs: list[Job] = wait_for(ended, 120, "the jobs to fail", interval=0.3)
+    except TimeoutError:
+        states = [(j.model_name, j.status, j.reason) for j in jobs_of(site.database_url)]
+        pytest.fail(f"{states}\n{site.agent.log_tail()}")
+    return jobs
+
+
+def test_past_its_soft_time_limit_a_job_fails_at_once_with_that_reason(tmp_path: Path) -> None:
+    config = _time_limited_site(tmp_path, soft=(0.01, 60), hard=(50, 60))
+    with make_site(tmp_path, None, config_toml=config) as site:
+        # Celery's pool checks time limits about once a second: a run of a few seconds
+        # (a larger study) is sure to be caught.
+        site.send(61, calling_ae="SOFT", size=256, slices=48)
+        (soft,) = _wait_failed(site, 1)
+        assert soft.reason is not None and soft.reason.startswith("SoftTimeLimitExceeded")
+        assert soft.attempts == 1, "a time limit is permanent: no retry"
+        assert soft.seg_path is None
+
+
+def test_past_its_hard_time_limit_a_job_is_tried_again_until_attempts_run_out(
+    tmp_path: Path,
+) -> None:
+    config = _time_limited_site(tmp_path, soft=(50, 60), hard=(50, 0.05))
     env = {"PACS_AGENT_WORKER__MAX_ATTEMPTS": "2"}
     with make_site(tmp_path, None, env=env, config_toml=config) as site:
-        # Celery's pool checks time limits about once a second: runs of a few seconds
-        # (larger studies) are sure to be caught.
-        site.send(61, calling_ae="SOFT", size=256, slices=48)
         site.send(62, calling_ae="HARD", size=256, slices=48)
-
-        def ended() -> list[Job] | None:
-            jobs = jobs_of(site.database_url)
-            return jobs if len(jobs) == 2 and all(j.status == "failed" for j in jobs) else None
-
-        try:
-            jobs = wait_for(ended, 120, "both jobs to fail", interval=0.3)
-        except TimeoutError:
-            states = [(j.model_name, j.status, j.reason) for j in jobs_of(site.database_url)]
-            pytest.fail(f"{states}\n{site.agent.log_tail()}")
-        by_model = {j.model_name: j for j in jobs}
-        soft = by_model["demo_ct_blob_seg"]
-        assert soft.reason is not None and "SoftTimeLimitExceeded" in soft.reason
-        assert soft.attempts == 1, "a time limit is permanent: no retry"
-        hard = by_model["demo_hung"]
+        (hard,) = _wait_failed(site, 1)
         assert hard.attempts == 2
         assert hard.reason is not None and "worker was lost 2 time(s)" in hard.reason
-        with make_session_factory(make_engine(site.database_url))() as session:
-            assert session.scalar(select(Job.seg_path).where(Job.id == soft.id)) is None
 
 
 def test_the_embedded_broker_never_hands_out_a_half_written_message(tmp_path: Path) -> None:
