@@ -24,6 +24,7 @@ from pacs_agent.db.jobs import series_facts, transition
 from pacs_agent.db.models import AuditEntry, Job, Series, Study
 from pacs_agent.domain.jobs import JobStatus
 from pacs_agent.domain.routing import Rule, select_models
+from pacs_agent.export import start_export_round
 
 #: Jobs in these states are still on their way; reprocessing leaves them alone.
 IN_FLIGHT = frozenset({JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.EXPORTING})
@@ -363,14 +364,7 @@ def retry(
                     updated_at=now,
                 )
             elif job.status == JobStatus.EXPORT_FAILED.value:
-                ok = transition(
-                    session,
-                    job.id,
-                    JobStatus.EXPORTING,
-                    only_from=[JobStatus.EXPORT_FAILED],
-                    reason=None,
-                    updated_at=now,
-                )
+                ok = start_export_round(session, job.id, now)
                 if ok:
                     result.exports_to_send.append(job.id)
             else:

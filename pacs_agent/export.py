@@ -294,14 +294,19 @@ def requeue_export(session_factory: sessionmaker[Session], job_id: int, now: dat
     (``Dispatcher.send_export(job_id)``). False, and nothing changes, for a job in any other
     state or a missing one. Destinations that already hold every object are skipped."""
     with session_factory.begin() as session:
-        return transition(
-            session,
-            job_id,
-            JobStatus.EXPORTING,
-            only_from=[JobStatus.EXPORT_FAILED],
-            reason=None,
-            updated_at=now,
-        )
+        return start_export_round(session, job_id, now)
+
+
+def start_export_round(session: Session, job_id: int, now: datetime) -> bool:
+    """``export_failed`` -> ``exporting`` (reason cleared) inside the caller's transaction."""
+    return transition(
+        session,
+        job_id,
+        JobStatus.EXPORTING,
+        only_from=[JobStatus.EXPORT_FAILED],
+        reason=None,
+        updated_at=now,
+    )
 
 
 def exports_of(session: Session, job_id: int) -> list[Export]:
