@@ -45,6 +45,17 @@ class _AtomicFilesystemChannel(filesystem.Channel):
         except OSError as exc:
             raise ChannelError(f"cannot add a message to {folder}: {exc}") from exc
 
+    def get_table(self, exchange: Any) -> Any:
+        """kombu creates an exchange's table file empty and fills it only after taking its
+        lock, so a producer reading it in between (a worker declaring its queues while
+        ``serve`` sends) finds it empty and its send fails. Read again until it is whole."""
+        for _ in range(100):
+            try:
+                return super().get_table(exchange)  # type: ignore[no-untyped-call]
+            except ValueError:  # JSONDecodeError: the table is being written
+                time.sleep(0.01)
+        return super().get_table(exchange)  # type: ignore[no-untyped-call]
+
 
 class AtomicFilesystemTransport(filesystem.Transport):
     """The embedded broker: kombu's filesystem transport with whole-message writes."""

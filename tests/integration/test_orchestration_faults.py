@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import shutil
 import threading
 import time
@@ -249,22 +250,27 @@ def test_past_its_hard_time_limit_a_job_is_tried_again_until_attempts_run_out(
         assert hard.reason is not None and "worker was lost 2 time(s)" in hard.reason
 
 
+def _produce_messages(data_dir: str, n: int) -> None:
+    app = make_celery(Settings(data_dir=Path(data_dir)))
+    with app.connection_for_write() as conn:
+        queue = conn.SimpleQueue("half-written")
+        for i in range(n):
+            queue.put({"i": i, "pad": "x" * 400_000})
+
+
 def test_the_embedded_broker_never_hands_out_a_half_written_message(tmp_path: Path) -> None:
     """kombu's own filesystem transport writes messages in place: a consumer polling at the
     same moment takes an empty file and the message is lost (3 of 400 large messages in one
     run here). The embedded broker renames whole messages into the queue folder."""
     app = make_celery(Settings(data_dir=tmp_path))
-    n, pad = 400, "x" * 400_000
-
-    def produce() -> None:
-        with app.connection_for_write() as conn:
-            queue = conn.SimpleQueue("half-written")
-            for i in range(n):
-                queue.put({"i": i, "pad": pad})
-
+    n = 400
     received: set[int] = set()
     errors: list[str] = []
-    producer = threading.Thread(target=produce)
+    # The producer is another process, as `serve` is beside its workers (two connections in
+    # one process share kombu's in-memory broker state).
+    producer = multiprocessing.get_context("spawn").Process(
+        target=_produce_messages, args=(str(tmp_path), n)
+    )
     producer.start()
     with app.connection_for_read() as conn:
         assert type(conn.transport).__name__ == "AtomicFilesystemTransport"
