@@ -3,8 +3,9 @@
     .venv/bin/python bench/bench_inference.py [--slices 100] [--size 512] [--devices cpu,cuda]
 
 Makes a synthetic CT series (``--size`` x ``--size`` x ``--slices``, 0.8 mm pixels, 2 mm slices,
-written as DICOM files), builds the spleen bundle from ../shared/model-zoo (configs read in place,
-seeded random weights: the timing does not depend on the weights) and, per device:
+written as DICOM files), builds the spleen bundle from ../shared/model-zoo (``shared/`` in the
+checkout instead where it exists, see tests/helpers/paths.py; configs read in place, seeded random
+weights: the timing does not depend on the weights) and, per device:
 
 * loads the model once (``RunnerCache``, as a worker process does) and times it;
 * runs two series through the worker's path (read files, series-to-volume checks, the bundle,
@@ -38,10 +39,11 @@ from pacs_agent.catalog import ModelCard, read_card  # noqa: E402
 from pacs_agent.demo.synthetic import make_ct_study, write_study  # noqa: E402
 from pacs_agent.dicom.geometry import segment_results  # noqa: E402
 from pacs_agent.dicom.volume import plan_volume, read_volume  # noqa: E402
+from tests.helpers.paths import MODEL_ZOO  # noqa: E402
 from workers.runtime.bundle import BundleRunner, labels_on_frames, write_nifti  # noqa: E402
 from workers.runtime.series import RunnerCache, run_model  # noqa: E402
 
-SPLEEN = ROOT.parent / "shared" / "model-zoo" / "spleen_ct_segmentation"
+SPLEEN = MODEL_ZOO / "spleen_ct_segmentation"
 CARD = """[model]
 name = "spleen_ct_segmentation"
 version = "bench"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.paths import SHARED_DATA
 from tests.helpers.servers import (
-    SHARED,
     Orthanc,
     free_port,
     postgres_available,
@@ -19,7 +19,7 @@ from tests.helpers.servers import (
 
 @pytest.fixture
 def shared_data() -> Path:
-    path = SHARED / "data"
+    path = SHARED_DATA
     if not path.is_dir():
         pytest.fail(f"{path} is missing: the shared test data must sit beside the project")
     return path

@@ -21,8 +21,8 @@ from pacs_agent.domain.results import (
     SegmentSpec,
 )
 from pacs_agent.domain.uids import DEFAULT_UID_ROOT, device_uid, job_result_uids
+from tests.helpers.paths import SHARED_DATA
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 LIVER_DIR = SHARED_DATA / "ct_liver_3sl_with_seg_dcmqi"
 LIVER_CT_DIR = LIVER_DIR / "ct"
 DCMQI_LIVER_SEG = LIVER_DIR / "liver.dcm"

@@ -12,13 +12,10 @@ from pathlib import Path
 import pydicom
 from pydicom.uid import generate_uid
 
+from tests.helpers.paths import SHARED_DATA
+
 #: The real CT series (20 slices, 512x512, 2 mm, JPEG 2000 lossless), relative to the project.
-REAL_CT_DIR = (
-    Path(__file__).resolve().parents[2].parent
-    / "shared"
-    / "data"
-    / ("ct_torso_human_totalseg_20sl")
-)
+REAL_CT_DIR = SHARED_DATA / "ct_torso_human_totalseg_20sl"
 REPAIRED_PATIENT_ID = "REALCT-0001"
 
 

@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
-SHARED = REPO.parent / "shared"
+from tests.helpers.paths import REPO as REPO  # re-exported: tests import it from here
 
 
 def require_services() -> bool:

@@ -17,12 +17,13 @@ from monai.bundle import ConfigParser
 from pydicom.dataset import Dataset
 
 from pacs_agent.demo.synthetic import make_ct_study_with_truth
+from tests.helpers.paths import MODEL_ZOO
 from tests.helpers.realct import REAL_CT_DIR, repair_real_ct
 from workers.runtime.bundle import BundleError, BundleRunner, labels_on_frames
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_BUNDLE = ROOT / "workers" / "bundles" / "demo_ct_blob_seg"
-SPLEEN_BUNDLE = ROOT.parent / "shared" / "model-zoo" / "spleen_ct_segmentation"
+SPLEEN_BUNDLE = MODEL_ZOO / "spleen_ct_segmentation"
 
 
 def _dice(pred: npt.NDArray[np.uint8], truth: npt.NDArray[np.uint8]) -> float:

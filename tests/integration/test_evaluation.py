@@ -21,11 +21,12 @@ from pydicom.pixels import apply_modality_lut
 from pacs_agent.catalog import read_card
 from pacs_agent.demo.radiograph import make_radiograph, radiograph_dataset
 from pacs_agent.demo.synthetic import make_ct_study_with_truth, write_study
+from tests.helpers.paths import SHARED_DATA
 from workers.evaluation import classification_scores, evaluate, roc_curve
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLES = ROOT / "workers" / "bundles"
-LIVER = ROOT.parent / "shared" / "data" / "ct_liver_3sl_with_seg_dcmqi"
+LIVER = SHARED_DATA / "ct_liver_3sl_with_seg_dcmqi"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -41,6 +41,7 @@ from pacs_agent.domain.results import (
 )
 from pacs_agent.domain.uids import device_uid, job_result_uids
 from tests.helpers.dicom_results import dciodvfy_errors, dsrdump
+from tests.helpers.paths import MODEL_ZOO
 from tests.helpers.realct import REAL_CT_DIR, repair_real_ct
 from workers.runtime.bundle import BundleRunner
 from workers.runtime.series import RunnerCache, run_model
@@ -50,8 +51,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_BUNDLE = ROOT / "workers" / "bundles" / "demo_ct_blob_seg"
 DEMO_CLASSIFIER = ROOT / "workers" / "bundles" / "demo_cr_nodule_cls"
-SPLEEN_BUNDLE = ROOT.parent / "shared" / "model-zoo" / "spleen_ct_segmentation"
-WHOLE_BODY_BUNDLE = ROOT.parent / "shared" / "model-zoo" / "wholeBody_ct_segmentation"
+SPLEEN_BUNDLE = MODEL_ZOO / "spleen_ct_segmentation"
+WHOLE_BODY_BUNDLE = MODEL_ZOO / "wholeBody_ct_segmentation"
 #: A configured UID root other than 2.25, so that every derived UID is seen to use it.
 UID_ROOT = "1.2.826.0.1.3680043.8.498"
 

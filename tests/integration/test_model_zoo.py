@@ -21,12 +21,13 @@ from pydicom.dataset import Dataset
 from pacs_agent.catalog import read_card
 from pacs_agent.demo.radiograph import make_radiograph, radiograph_dataset
 from pacs_agent.dicom.volume import plan_volume
+from tests.helpers.paths import MODEL_ZOO
 from tests.helpers.realct import REAL_CT_DIR, repair_real_ct
 from workers.runtime.bundle import BundleRunner
 from workers.runtime.series import RunnerCache, run_model
 
 ROOT = Path(__file__).resolve().parents[2]
-ZOO = ROOT.parent / "shared" / "model-zoo"
+ZOO = MODEL_ZOO
 
 
 def zoo_bundle(name: str, target: Path, card: str = "") -> Path:
