@@ -87,8 +87,11 @@ class ListenerSettings(Section):
     max_associations: int = Field(16, ge=1)
     """Concurrent associations accepted; more are rejected (transient, try later)."""
     acse_timeout_s: float = Field(30.0, gt=0)
+    """A connection that sends no A-ASSOCIATE-RQ within this time is closed."""
     dimse_timeout_s: float = Field(60.0, gt=0)
+    """Each PDU of a DIMSE message that has started must arrive within this time."""
     network_timeout_s: float = Field(120.0, gt=0)
+    """An association idle between messages for this long is aborted."""
     allowed_callers: list[AllowedCaller] = Field(default_factory=list)
     """Calling AE titles accepted; others are rejected (A-ASSOCIATE-RJ, calling AE title not
     recognised). Empty: any caller, allowed only on a loopback ``host`` or with
@@ -104,10 +107,6 @@ class ListenerSettings(Section):
     """PEM private key of ``tls_certificate``."""
     tls_client_ca: Path | None = None
     """PEM CA bundle: when set, callers must present a client certificate it signed."""
-    dul_idle_sleep_s: float = Field(0.0002, gt=0, le=0.01)
-    """How long the DICOM upper layer loop sleeps when it found nothing to do (pynetdicom's
-    default is 0.001). Each C-STORE response waits for such a wake-up: shorter answers sooner,
-    at the cost of more wake-ups while an association idles."""
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ListenerSettings:

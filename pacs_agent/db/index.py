@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.db.models import Instance, InstanceCopy, Series, Study
+from pacs_agent.db.session import READ_ONLY
 from pacs_agent.dicom.header import InstanceHeader
 
 
@@ -66,10 +67,43 @@ class StoredFile:
 
 
 def find_instance_digest(session_factory: sessionmaker[Session], sop_uid: str) -> str | None:
-    """The digest of the indexed instance ``sop_uid``, or None (Core: once per C-STORE)."""
-    with session_factory.kw["bind"].connect() as conn:
-        value = conn.scalar(_DIGEST, {"sop_uid": sop_uid})
-    return str(value) if value is not None else None
+    """The digest of the indexed instance ``sop_uid``, or None."""
+    lookup = DigestLookup(session_factory)
+    try:
+        return lookup.digest(sop_uid)
+    finally:
+        lookup.close()
+
+
+class DigestLookup:
+    """``find_instance_digest`` on one connection kept for an association's C-STOREs.
+
+    Each read ends its transaction at once (no snapshot held between C-STOREs; on SQLite no
+    write lock taken); the connection is dropped after any error, so the next C-STORE
+    reconnects.
+    """
+
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self.session_factory = session_factory
+        self._conn: Connection | None = None
+
+    def digest(self, sop_uid: str) -> str | None:
+        if self._conn is None:
+            bind = self.session_factory.kw["bind"]
+            self._conn = bind.connect().execution_options(**{READ_ONLY: True})
+        try:
+            value = self._conn.scalar(_DIGEST, {"sop_uid": sop_uid})
+            self._conn.rollback()
+        except Exception:
+            self.close()
+            raise
+        return str(value) if value is not None else None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):  # a connection that is already gone
+                self._conn.close()
+            self._conn = None
 
 
 def index_instance(

@@ -8,6 +8,9 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+#: Execution option of a connection that only reads (SQLite then begins without the write lock).
+READ_ONLY = "pacs_agent_read_only"
+
 
 def make_engine(url: str) -> Engine:
     """An engine for ``url``. SQLite gets WAL, a busy timeout and foreign keys on,
@@ -35,7 +38,11 @@ def make_engine(url: str) -> Engine:
         @event.listens_for(engine, "begin")
         def _sqlite_begin_immediate(conn: Any) -> None:
             # Take the write lock at BEGIN: a deferred transaction that reads and then writes
-            # can fail at once with "database is locked" instead of waiting its turn.
+            # can fail at once with "database is locked" instead of waiting its turn. A
+            # connection marked read-only (the listener's lookups) takes no lock.
+            if conn.get_execution_options().get(READ_ONLY):
+                conn.exec_driver_sql("BEGIN")
+                return
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine

@@ -50,7 +50,7 @@ def file_meta_end(data: bytes | memoryview) -> int:
     return end
 
 
-def check_complete(data: bytes | memoryview, offset: int, transfer_syntax: UID) -> None:
+def check_complete(data: bytes | bytearray | memoryview, offset: int, transfer_syntax: UID) -> None:
     """Raise Truncated unless the elements from ``offset`` end exactly at ``len(data)``.
 
     Deflated data sets are not walked (their bytes are compressed).
@@ -89,7 +89,7 @@ class UnsupportedEncoding(ValueError):
 
 
 def scan(
-    data: bytes | memoryview, offset: int, transfer_syntax: UID, wanted: dict[int, str]
+    data: bytes | bytearray | memoryview, offset: int, transfer_syntax: UID, wanted: dict[int, str]
 ) -> dict[int, bytes]:
     """Check that the elements from ``offset`` end exactly at ``len(data)`` (else Truncated)
     and return the raw values of the top-level tags in ``wanted``.
@@ -114,7 +114,7 @@ def scan(
 
 
 def header_values(
-    data: bytes | memoryview, offset: int, transfer_syntax: UID
+    data: bytes | bytearray | memoryview, offset: int, transfer_syntax: UID
 ) -> dict[str, str | list[str]]:
     """The index's header attributes by keyword, as pydicom would give them as text: one
     string, or a list for several values. Also checks completeness (Truncated).
@@ -136,7 +136,9 @@ def header_values(
 
 
 class _Walker:
-    def __init__(self, data: bytes, *, implicit: bool, fmt: str, wanted: dict[int, str]) -> None:
+    def __init__(
+        self, data: bytes | bytearray, *, implicit: bool, fmt: str, wanted: dict[int, str]
+    ) -> None:
         self.data = data
         self.implicit = implicit
         self.fmt = fmt
@@ -170,7 +172,7 @@ class _Walker:
                 vr = b"SQ" if length == _UNDEFINED else b""
                 pos += 8
             else:
-                vr = self.data[pos + 4 : pos + 6]
+                vr = bytes(self.data[pos + 4 : pos + 6])
                 if vr in _LONG_VRS:
                     self._need(pos, 12, limit)
                     length = self._u32(pos + 8)
@@ -183,7 +185,7 @@ class _Walker:
             else:
                 self._need(pos, length, limit)
                 if depth == 0 and tag in self.wanted:
-                    self.found[tag] = self.data[pos : pos + length]
+                    self.found[tag] = bytes(self.data[pos : pos + length])
                 pos += length
         if until is not None:
             raise Truncated("data end before a sequence or item delimiter")

@@ -1,11 +1,13 @@
-"""The DICOM listener: C-ECHO and C-STORE SCP on pynetdicom.
+"""The DICOM listener: C-ECHO and C-STORE SCP.
 
-Handlers are thin: they store, index and answer with a DICOM status. Heavy work never runs on
-the association thread. Invariant 1: success is answered only after the instance's bytes are
+The association protocol is pacs_agent.net.upperlayer (pynetdicom negotiates; the data
+transfer loop is ours, see decision record 0009); this module holds the policies and what a
+C-STORE does: store, index and answer with a DICOM status. Heavy work never runs on the
+association thread. Invariant 1: success is answered only after the instance's bytes are
 durable and its index row is committed; storage or database failure answers 0xA700,
 undecodable data 0xC210, a dataset that does not fit the request 0xA900.
 
-Association control happens before negotiation (``EVT_REQUESTED``): a calling AE title that
+Association control happens before negotiation: a calling AE title that
 is not on the allow-list, or calls from an address it is not pinned to, is rejected with
 A-ASSOCIATE-RJ (rejected-permanent, service user, calling AE title not recognised).
 """
@@ -15,13 +17,14 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
-from typing import Any, cast
+from typing import cast
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import UID
@@ -31,7 +34,6 @@ from pynetdicom import (
     PYNETDICOM_IMPLEMENTATION_UID,
     PYNETDICOM_IMPLEMENTATION_VERSION,
     AllStoragePresentationContexts,
-    evt,
 )
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
@@ -39,11 +41,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacs_agent.config import AllowedCaller, ListenerSettings, Settings
 from pacs_agent.db.index import (
     Arrival,
+    DigestLookup,
     DuplicatePolicy,
     IndexWriter,
     StoredFile,
     decide_arrival,
-    find_instance_digest,
     index_copy,
     index_instance,
     mark_released,
@@ -56,6 +58,15 @@ from pacs_agent.dicom.structure import (
     file_meta_end,
     header_values,
     part10_prefix,
+)
+from pacs_agent.net.upperlayer import (
+    Association,
+    AssociationInfo,
+    Identity,
+    Limits,
+    Rejection,
+    Server,
+    StoreRequest,
 )
 from pacs_agent.storage.spool import InvalidUID, Spool
 
@@ -137,7 +148,7 @@ def receiver_for(settings: Settings, session_factory: sessionmaker[Session]) -> 
 
 @dataclass
 class Receiver:
-    """The listener's collaborators and policies, handed to each handler (no globals)."""
+    """The listener's collaborators and policies, handed to each association (no globals)."""
 
     spool: Spool
     session_factory: sessionmaker[Session]
@@ -147,8 +158,6 @@ class Receiver:
     reopen_complete: bool = True
     #: Group commit of index rows; started by ``start_listener`` when not given.
     writer: IndexWriter | None = None
-    _studies_by_assoc: dict[int, set[str]] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def index(self, header: InstanceHeader, stored: StoredFile) -> None:
         """Commit the index row of a durable instance (batched with concurrent ones)."""
@@ -159,66 +168,6 @@ class Receiver:
                 self.session_factory, header, stored, self.clock(), reopen=self.reopen_complete
             )
 
-    def touched(self, assoc: Any, study_uid: str) -> None:
-        with self._lock:
-            self._studies_by_assoc.setdefault(id(assoc), set()).add(study_uid)
-
-    def take_studies(self, assoc: Any) -> set[str]:
-        with self._lock:
-            return self._studies_by_assoc.pop(id(assoc), set())
-
-
-def handle_conn_open(event: Any, settings: ListenerSettings) -> None:
-    """A connection was accepted: set its upper layer's idle sleep (``dul_idle_sleep_s``;
-    a private attribute of pynetdicom's DUL, which has no public setting for it)."""
-    event.assoc.dul._run_loop_delay = settings.dul_idle_sleep_s
-
-
-def handle_requested(event: Any, settings: ListenerSettings) -> None:
-    """A-ASSOCIATE-RQ received: reject a caller that is not on the allow-list."""
-    assoc = event.assoc
-    calling = str(assoc.requestor.primitive.calling_ae_title).strip()
-    address = str(assoc.requestor.address)
-    if caller_allowed(calling, address, settings.allowed_callers):
-        return
-    log.warning(
-        "association rejected: calling AE %r from %s is not allowed (calling AE title not "
-        "recognised)",
-        calling,
-        address,
-    )
-    assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, CALLING_AE_NOT_RECOGNISED)
-    assoc.kill()  # as pynetdicom does after its own rejections: waits until the RJ is out
-
-
-def handle_rejected(event: Any) -> None:
-    """pynetdicom rejected an association (called AE title, association limit): log it."""
-    rj = event.assoc.acceptor.primitive
-    log.warning(
-        "association rejected: calling AE %r from %s (result %s, source %s, reason %s)",
-        str(event.assoc.requestor.ae_title).strip(),
-        event.assoc.requestor.address,
-        getattr(rj, "result", None),
-        getattr(rj, "result_source", None),
-        getattr(rj, "diagnostic", None),
-    )
-
-
-def received_bytes(event: Any) -> bytes:
-    """The C-STORE data set as received, behind its Part-10 preamble and file meta (the same
-    bytes ``event.encoded_dataset()`` gives, without building a pydicom dataset for the meta).
-    """
-    request = event.request
-    prefix = part10_prefix(
-        str(request.AffectedSOPClassUID),
-        str(request.AffectedSOPInstanceUID),
-        str(event.context.transfer_syntax),
-        PYNETDICOM_IMPLEMENTATION_UID,
-        PYNETDICOM_IMPLEMENTATION_VERSION,
-    )
-    stream: bytes = request.DataSet.getvalue()
-    return prefix + stream
-
 
 def read_header(data: bytes, transfer_syntax: UID) -> InstanceHeader:
     """The index's header of a Part-10 byte string, after checking it is complete.
@@ -228,53 +177,116 @@ def read_header(data: bytes, transfer_syntax: UID) -> InstanceHeader:
     Truncated, InvalidUID, or pydicom's errors for data that cannot be decoded.
     """
     offset = file_meta_end(data)
+    return dataset_header(data[:offset], data, offset, transfer_syntax)
+
+
+def dataset_header(
+    prefix: bytes, data: bytes | bytearray, offset: int, transfer_syntax: UID
+) -> InstanceHeader:
+    """The index's header of the data set that starts at ``offset`` of ``data``; ``prefix``
+    is its Part-10 preamble and file meta (for pydicom, when the walker cannot read it)."""
     try:
         values = header_values(data, offset, transfer_syntax)
     except UnsupportedEncoding:
         check_complete(data, offset, transfer_syntax)
-        return instance_header(dcmread(BytesIO(data), stop_before_pixels=True))
+        whole = bytes(data) if offset else prefix + bytes(data)
+        return instance_header(dcmread(BytesIO(whole), stop_before_pixels=True))
     # instance_header reads its source with ``.get(keyword)`` only: a dict of texts will do.
     return instance_header(cast(Dataset, values))
 
 
-def _decode(event: Any) -> tuple[bytes, InstanceHeader] | Dataset:
-    """The received bytes (Part 10) and their header, or the refusal status."""
-    request = event.request
+Refusal = tuple[int, str]
+
+
+def _decode(request: StoreRequest, prefix: bytes) -> InstanceHeader | Refusal:
+    """The header of a received data set, or the refusal (status, comment)."""
     try:
-        data = received_bytes(event)
-        header = read_header(data, event.context.transfer_syntax)
+        header = dataset_header(prefix, request.dataset, 0, request.transfer_syntax)
     except InvalidUID as exc:
-        log.warning(
-            "C-STORE refused 0xA900: %s (request SOP %s)", exc, request.AffectedSOPInstanceUID
-        )
-        return _status(DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc))
+        log.warning("C-STORE refused 0xA900: %s (request SOP %s)", exc, request.sop_instance_uid)
+        return DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)
     except Exception as exc:
         log.warning("C-STORE refused 0xC210: cannot decode (%s: %s)", type(exc).__name__, exc)
-        return _status(CANNOT_UNDERSTAND, f"cannot decode dataset: {type(exc).__name__}")
-    if header.sop_instance_uid != request.AffectedSOPInstanceUID:
-        return _status(
+        return CANNOT_UNDERSTAND, f"cannot decode dataset: {type(exc).__name__}"
+    if header.sop_instance_uid != request.sop_instance_uid:
+        return (
             DATASET_DOES_NOT_MATCH_SOP_CLASS,
             "SOPInstanceUID differs from Affected SOP Instance UID",
         )
-    if header.sop_class_uid != request.AffectedSOPClassUID:
-        return _status(
-            DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from Affected SOP Class UID"
+    if header.sop_class_uid != request.sop_class_uid:
+        return DATASET_DOES_NOT_MATCH_SOP_CLASS, "SOPClassUID differs from Affected SOP Class UID"
+    return header
+
+
+class ListenerService:
+    """What the listener does with each association (pacs_agent.net.upperlayer.Service)."""
+
+    def __init__(self, settings: ListenerSettings, receiver: Receiver) -> None:
+        self.settings = settings
+        self.receiver = receiver
+
+    def check(self, calling_ae: str, called_ae: str, address: str) -> Rejection | None:
+        if caller_allowed(calling_ae, address, self.settings.allowed_callers):
+            return None
+        return Rejection(
+            REJECTED_PERMANENT,
+            SOURCE_SERVICE_USER,
+            CALLING_AE_NOT_RECOGNISED,
+            f"calling AE {calling_ae!r} is not allowed (calling AE title not recognised)",
         )
-    return data, header
+
+    def store(self, assoc: AssociationInfo, request: StoreRequest) -> tuple[int, str | None]:
+        return store_instance(self.receiver, assoc, request)
+
+    def released(self, assoc: AssociationInfo) -> None:
+        """The studies the association carried may now complete after the idle time."""
+        studies = _studies(assoc)
+        _lookup(self.receiver, assoc).close()
+        try:
+            mark_released(self.receiver.session_factory, studies, self.receiver.clock())
+        except Exception:
+            log.exception("could not record association release for %d studies", len(studies))
+
+    def aborted(self, assoc: AssociationInfo) -> None:
+        """Its studies complete by the unreleased timeout."""
+        _lookup(self.receiver, assoc).close()
 
 
-def handle_store(event: Any, receiver: Receiver) -> int | Dataset:
-    """C-STORE: write the encoded bytes durably, index them, then answer success."""
-    decoded = _decode(event)
-    if isinstance(decoded, Dataset):
+def _studies(assoc: AssociationInfo) -> set[str]:
+    return cast(set[str], assoc.scratch.setdefault("studies", set()))
+
+
+def _lookup(receiver: Receiver, assoc: AssociationInfo) -> DigestLookup:
+    found = assoc.scratch.get("lookup")
+    if found is None:
+        found = assoc.scratch["lookup"] = DigestLookup(receiver.session_factory)
+    return cast(DigestLookup, found)
+
+
+def store_instance(
+    receiver: Receiver, assoc: AssociationInfo, request: StoreRequest
+) -> tuple[int, str | None]:
+    """C-STORE: write the bytes durably, index them, then answer success."""
+    prefix = part10_prefix(
+        request.sop_class_uid,
+        request.sop_instance_uid,
+        str(request.transfer_syntax),
+        PYNETDICOM_IMPLEMENTATION_UID,
+        PYNETDICOM_IMPLEMENTATION_VERSION,
+    )
+    decoded = _decode(request, prefix)
+    if isinstance(decoded, tuple):
         return decoded
-    data, header = decoded
-    digest = hashlib.sha256(data).hexdigest()
+    header = decoded
+    data = (prefix, request.dataset)
+    sha = hashlib.sha256(prefix)
+    sha.update(request.dataset)
+    digest = sha.hexdigest()
     try:
-        indexed = find_instance_digest(receiver.session_factory, header.sop_instance_uid)
+        indexed = _lookup(receiver, assoc).digest(header.sop_instance_uid)
     except Exception as exc:
         log.error("C-STORE 0xA700: index unavailable: %s", type(exc).__name__)
-        return _status(OUT_OF_RESOURCES, f"index failed: {type(exc).__name__}")
+        return OUT_OF_RESOURCES, f"index failed: {type(exc).__name__}"
     arrival = decide_arrival(indexed, digest, receiver.duplicates)
     if arrival in (Arrival.SAME, Arrival.KEEP_FIRST):
         if arrival is Arrival.KEEP_FIRST:
@@ -282,8 +294,8 @@ def handle_store(event: Any, receiver: Receiver) -> int | Dataset:
                 "C-STORE: SOP %s received again with other bytes; kept the first copy",
                 header.sop_instance_uid,
             )
-        receiver.touched(event.assoc, header.study_instance_uid)
-        return SUCCESS
+        _studies(assoc).add(header.study_instance_uid)
+        return SUCCESS, None
 
     uids = (header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
     if arrival is Arrival.KEEP_BOTH:
@@ -298,14 +310,14 @@ def handle_store(event: Any, receiver: Receiver) -> int | Dataset:
             header.sop_instance_uid,
             exc.strerror or exc,
         )
-        return _status(OUT_OF_RESOURCES, f"storage failed: {exc.strerror or 'I/O error'}")
+        return OUT_OF_RESOURCES, f"storage failed: {exc.strerror or 'I/O error'}"
 
     stored = StoredFile(
         relative_path=str(relative),
-        size_bytes=len(data),
+        size_bytes=len(prefix) + len(request.dataset),
         sha256=digest,
-        transfer_syntax_uid=str(event.context.transfer_syntax),
-        calling_ae_title=str(event.assoc.requestor.ae_title).strip() or None,
+        transfer_syntax_uid=str(request.transfer_syntax),
+        calling_ae_title=assoc.calling_ae or None,
     )
     try:
         if arrival is Arrival.KEEP_BOTH:
@@ -321,8 +333,8 @@ def handle_store(event: Any, receiver: Receiver) -> int | Dataset:
         )
         if arrival is not Arrival.REPLACE:  # an unindexed new file must not join its series
             receiver.spool.discard(relative)
-        return _status(OUT_OF_RESOURCES, f"index failed: {type(exc).__name__}")
-    receiver.touched(event.assoc, header.study_instance_uid)
+        return OUT_OF_RESOURCES, f"index failed: {type(exc).__name__}"
+    _studies(assoc).add(header.study_instance_uid)
     if arrival is not Arrival.NEW:
         log.info(
             "C-STORE %s: study %s SOP %s",
@@ -330,24 +342,12 @@ def handle_store(event: Any, receiver: Receiver) -> int | Dataset:
             header.study_instance_uid,
             header.sop_instance_uid,
         )
-    return SUCCESS
-
-
-def handle_released(event: Any, receiver: Receiver) -> None:
-    """Association released: the studies it carried may now complete after the idle time."""
-    studies = receiver.take_studies(event.assoc)
-    try:
-        mark_released(receiver.session_factory, studies, receiver.clock())
-    except Exception:
-        log.exception("could not record association release for %d studies", len(studies))
-
-
-def handle_aborted(event: Any, receiver: Receiver) -> None:
-    """Aborted: forget the association; its studies complete by the unreleased timeout."""
-    receiver.take_studies(event.assoc)
+    return SUCCESS, None
 
 
 def build_ae(settings: ListenerSettings) -> AE:
+    """The listener's presentation contexts (and limits), as a pynetdicom AE: the source of
+    what the upper layer negotiates and of docs/conformance.md's tables."""
     ae = AE(ae_title=settings.ae_title)
     ae.maximum_pdu_size = settings.max_pdu
     ae.maximum_associations = settings.max_associations
@@ -391,23 +391,26 @@ def start_listener(settings: ListenerSettings, receiver: Receiver) -> RunningLis
     if problem is not None:
         raise ListenerRefused(problem)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # no identifier datasets in logs
-    ae = build_ae(settings)
-    handlers: list[Any] = [
-        (evt.EVT_CONN_OPEN, handle_conn_open, [settings]),
-        (evt.EVT_REQUESTED, handle_requested, [settings]),
-        (evt.EVT_REJECTED, handle_rejected),
-        (evt.EVT_C_STORE, handle_store, [receiver]),
-        (evt.EVT_RELEASED, handle_released, [receiver]),
-        (evt.EVT_ABORTED, handle_aborted, [receiver]),
-    ]
+    supported = build_ae(settings).supported_contexts
+    identity = Identity(
+        settings.ae_title, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+    )
+    limits = Limits(
+        settings.max_pdu,
+        settings.acse_timeout_s,
+        settings.dimse_timeout_s,
+        settings.network_timeout_s,
+    )
+    tls = tls_context(settings)
+    service = ListenerService(settings, receiver)
+
+    def association(sock: socket.socket, address: str, slots: threading.Semaphore) -> Association:
+        return Association(sock, address, service, supported, identity, limits, slots, tls)
+
+    server = Server(settings.host, settings.port, association, settings.max_associations)
     if receiver.writer is None:
         receiver.writer = IndexWriter(receiver.session_factory)
-    server = ae.start_server(
-        (settings.host, settings.port),
-        block=False,
-        evt_handlers=handlers,
-        ssl_context=tls_context(settings),
-    )
+    server.start()
     log.info(
         "listening as %s on %s:%d%s",
         settings.ae_title,
@@ -420,9 +423,10 @@ def start_listener(settings: ListenerSettings, receiver: Receiver) -> RunningLis
 
 @dataclass
 class RunningListener:
-    """A started listener: ``shutdown()`` stops accepting, then flushes the index writer."""
+    """A started listener: ``shutdown()`` stops accepting, ends the open associations, then
+    flushes the index writer."""
 
-    server: Any
+    server: Server
     receiver: Receiver
 
     def shutdown(self) -> None:

@@ -9,8 +9,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
+import threading
+from collections.abc import Sequence
 from pathlib import Path
+
+Buffer = bytes | bytearray | memoryview
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
 
@@ -37,23 +40,45 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durable(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to ``path`` so that it survives a crash once this returns.
-
-    Temp file in the same directory, fsync, rename over the target, fsync the directory.
-    On any error (a full disk) the temp file is removed and the target is untouched.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".incoming-", suffix=".part")
+def _make_dirs(path: Path) -> None:
+    """Create ``path`` and missing parents, making each new directory entry durable."""
+    if path.is_dir():
+        return
+    _make_dirs(path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
+        path.mkdir()
+    except FileExistsError:
+        return  # another thread made it (and syncs its parent)
+    fsync_dir(path.parent)
+
+
+def write_durable(path: Path, data: Buffer | Sequence[Buffer]) -> None:
+    """Write ``data`` (bytes, or buffers written one after another) to ``path`` so that it
+    survives a crash once this returns.
+
+    Temp file in the same directory (named for this thread, so concurrent writers of one
+    path never share one), fsync, rename over the target, fsync the directory. On any error
+    (a full disk) the temp file is removed and the target is untouched.
+    """
+    parts: Sequence[Buffer] = [data] if isinstance(data, Buffer) else data
+    _make_dirs(path.parent)
+    tmp = path.parent / f".incoming-{threading.get_ident()}-{path.name}.part"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            total = sum(len(memoryview(p)) for p in parts)
+            written = os.writev(fd, parts)
+            if written != total:  # a short write: finish it piece by piece
+                view = memoryview(b"".join(parts))[written:]
+                while view:
+                    view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+            os.unlink(tmp)
         raise
     fsync_dir(path.parent)
 
@@ -99,7 +124,7 @@ class Spool:
         except OSError:
             pass
 
-    def store(self, relative: Path, data: bytes | memoryview) -> Path:
+    def store(self, relative: Path, data: Buffer | Sequence[Buffer]) -> Path:
         target = self.root / relative
         write_durable(target, data)
         return target

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -206,13 +207,35 @@ def test_allowed_caller_hosts_must_be_addresses() -> None:
         AllowedCaller(ae_title="CT", hosts=["scanner.example"])
 
 
-def test_upper_layer_idle_sleep_setting_reaches_each_association(tmp_path: Path) -> None:
-    cfg, server = _start(tmp_path, dul_idle_sleep_s=0.005)
+def test_message_that_stalls_midway_is_aborted_after_the_dimse_timeout(tmp_path: Path) -> None:
+    cfg, server = _start(tmp_path, dimse_timeout_s=0.5, network_timeout_s=60)
     try:
         assoc = _associate(cfg, "A")
         assert assoc.is_established
-        acceptors = server.server.active_associations  # type: ignore[attr-defined]
-        assert [a.dul._run_loop_delay for a in acceptors] == [0.005]
-        assoc.release()
+        context_id = assoc.accepted_contexts[0].context_id
+        assert context_id is not None and assoc.dul.socket is not None
+        # The first fragment of a command (not the last one), then nothing.
+        fragment = b"\x00\x00\x00\x00\x04\x00\x00\x00\x00\x00\x00\x00"
+        pdv = struct.pack(">IBB", len(fragment) + 2, context_id, 0x01) + fragment
+        assoc.dul.socket.send(struct.pack(">BxI", 0x04, len(pdv)) + pdv)
+        deadline = time.monotonic() + 10
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # aborted well before network_timeout_s
+        assert assoc.is_aborted and time.monotonic() < deadline
+    finally:
+        server.shutdown()  # type: ignore[attr-defined]
+
+
+def test_data_transfer_pdu_larger_than_max_pdu_aborts_the_association(tmp_path: Path) -> None:
+    cfg, server = _start(tmp_path, max_pdu=16384)
+    try:
+        assoc = _associate(cfg, "A")
+        assert assoc.is_established and assoc.dul.socket is not None
+        assoc.dul.socket.send(struct.pack(">BxI", 0x04, 1 << 20) + b"\x00" * 64)
+        deadline = time.monotonic() + 10
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert assoc.is_aborted
     finally:
         server.shutdown()  # type: ignore[attr-defined]

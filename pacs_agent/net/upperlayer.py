@@ -1,0 +1,613 @@
+"""The listener's DICOM upper layer (PS3.8) and DIMSE command sets (PS3.7), acceptor side.
+
+One thread per association reads PDUs with blocking reads straight into buffers, gathers the
+P-DATA fragments of a message into one buffer and hands complete C-STORE and C-ECHO requests
+to a ``Service``. pynetdicom still decodes and negotiates the association (A-ASSOCIATE-RQ
+PDU, presentation contexts, role selection, A-ASSOCIATE-AC PDU); only the data transfer
+phase, where every received instance spends its time, is this module's. Why: decision record
+0009 (pynetdicom's event loop and per-fragment objects cost about 3 ms per 512 KB instance,
+more than storing it durably).
+
+The state machine is the acceptor's part of PS3.8 9.2: Sta2 (waiting for A-ASSOCIATE-RQ,
+``acse_timeout_s``), Sta6 (established; ``network_timeout_s`` while idle between
+messages, ``dimse_timeout_s`` for each PDU of a message that has started), Sta13 (closing). Anything
+unexpected gets an A-ABORT and the connection is closed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pydicom.uid import UID
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    AsynchronousOperationsWindowNegotiation,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+
+log = logging.getLogger(__name__)
+
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+
+# PDU types (PS3.8 9.3.1)
+A_ASSOCIATE_RQ_PDU = 0x01
+P_DATA_TF_PDU = 0x04
+A_RELEASE_RQ_PDU = 0x05
+A_RELEASE_RP_PDU = 0x06
+A_ABORT_PDU = 0x07
+
+# A-ABORT sources and reasons (PS3.8 9.3.8)
+ABORT_SOURCE_PROVIDER = 0x02
+REASON_NOT_SPECIFIED = 0x00
+REASON_UNEXPECTED_PDU = 0x02
+REASON_INVALID_PARAMETER = 0x06
+
+# DIMSE command fields (PS3.7 E.1)
+C_STORE_RQ = 0x0001
+C_STORE_RSP = 0x8001
+C_ECHO_RQ = 0x0030
+C_ECHO_RSP = 0x8030
+NO_DATASET = 0x0101
+
+_HEADER = struct.Struct(">BxI")
+_PDV = struct.Struct(">IBB")
+_ELEMENT = struct.Struct("<HHI")
+_MAX_COMMAND = 64 * 1024
+# max_pdu = 0 ("no limit") still refuses a PDU that would need an absurd buffer.
+_UNLIMITED_PDU = 256 * 1024 * 1024  # a command set is a few hundred bytes; more is not DICOM
+
+
+class ProtocolError(Exception):
+    """The peer broke PS3.8/PS3.7: the association is aborted."""
+
+
+class PeerAborted(Exception):
+    """The peer sent A-ABORT or closed the connection."""
+
+
+class Released(Exception):
+    """The peer released the association (A-RELEASE-RQ answered)."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A-ASSOCIATE-RJ parameters (PS3.8 9.3.4) and the log line saying why."""
+
+    result: int
+    source: int
+    reason: int
+    why: str
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """A complete C-STORE request: its command and the data set bytes as received."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: UID
+    dataset: bytearray
+
+
+class Service(Protocol):
+    """What the listener does with an association; called on its thread."""
+
+    def check(self, calling_ae: str, called_ae: str, address: str) -> Rejection | None:
+        """Accept (None) or reject an A-ASSOCIATE-RQ before negotiation."""
+
+    def store(self, assoc: AssociationInfo, request: StoreRequest) -> tuple[int, str | None]:
+        """Handle one C-STORE; returns (status, error comment)."""
+
+    def released(self, assoc: AssociationInfo) -> None:
+        """The association ended with A-RELEASE."""
+
+    def aborted(self, assoc: AssociationInfo) -> None:
+        """The association ended any other way (A-ABORT, closed, timed out)."""
+
+
+@dataclass
+class AssociationInfo:
+    """One association's identity, as handed to the Service."""
+
+    calling_ae: str
+    called_ae: str
+    address: str
+    #: Free for the Service (the studies this association touched, for example).
+    scratch: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_pdu: int
+    acse_timeout_s: float
+    dimse_timeout_s: float
+    network_timeout_s: float
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What the A-ASSOCIATE-AC says about us (PS3.7 D.3.3.2)."""
+
+    ae_title: str
+    implementation_class_uid: str
+    implementation_version: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding (all fixed layouts of PS3.8 9.3 and PS3.7 E.1)
+
+
+def abort_pdu(source: int = ABORT_SOURCE_PROVIDER, reason: int = REASON_NOT_SPECIFIED) -> bytes:
+    return struct.pack(">BxIxxBB", A_ABORT_PDU, 4, source, reason)
+
+
+def reject_pdu(result: int, source: int, reason: int) -> bytes:
+    return struct.pack(">BxIxBBB", 0x03, 4, result, source, reason)
+
+
+def release_rp_pdu() -> bytes:
+    return struct.pack(">BxIxxxx", A_RELEASE_RP_PDU, 4)
+
+
+def _uid_value(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def _element(tag: int, value: bytes) -> bytes:
+    return _ELEMENT.pack(0x0000, tag, len(value)) + value
+
+
+def response_command(
+    command_field: int,
+    message_id: int,
+    sop_class_uid: str,
+    status: int,
+    sop_instance_uid: str | None = None,
+    comment: str | None = None,
+) -> bytes:
+    """A C-STORE-RSP or C-ECHO-RSP command set, implicit VR little endian, tags ascending."""
+    body = _element(0x0002, _uid_value(sop_class_uid))
+    body += _element(0x0100, struct.pack("<H", command_field))
+    body += _element(0x0120, struct.pack("<H", message_id))
+    body += _element(0x0800, struct.pack("<H", NO_DATASET))
+    body += _element(0x0900, struct.pack("<H", status))
+    if comment:
+        text = comment[:64].encode("ascii", "replace")
+        body += _element(0x0902, text + b" " if len(text) % 2 else text)
+    if sop_instance_uid is not None:
+        body += _element(0x1000, _uid_value(sop_instance_uid))
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def command_pdus(context_id: int, command: bytes, peer_max_pdu: int) -> bytes:
+    """P-DATA-TF PDUs carrying ``command`` (fragmented to the peer's maximum PDU length)."""
+    room = len(command) if peer_max_pdu == 0 else max(peer_max_pdu - 6, 1)
+    out = bytearray()
+    for start in range(0, len(command), room):
+        chunk = command[start : start + room]
+        last = start + room >= len(command)
+        out += _HEADER.pack(P_DATA_TF_PDU, len(chunk) + 6)
+        out += _PDV.pack(len(chunk) + 2, context_id, 0x03 if last else 0x01)
+        out += chunk
+    return bytes(out)
+
+
+def parse_command(data: bytes | bytearray) -> dict[int, bytes]:
+    """The elements of a command set (group 0000, implicit VR little endian) by element
+    number. Raises ProtocolError for anything that is not one."""
+    values: dict[int, bytes] = {}
+    pos, end = 0, len(data)
+    while pos < end:
+        if pos + 8 > end:
+            raise ProtocolError("command set ends inside an element header")
+        group, element, length = _ELEMENT.unpack_from(data, pos)
+        pos += 8
+        if group != 0x0000 or pos + length > end:
+            raise ProtocolError("command set holds a non-command element or is truncated")
+        values[element] = bytes(data[pos : pos + length])
+        pos += length
+    return values
+
+
+def _us(values: dict[int, bytes], element: int) -> int | None:
+    raw = values.get(element)
+    return struct.unpack("<H", raw)[0] if raw is not None and len(raw) == 2 else None
+
+
+def _text(values: dict[int, bytes], element: int) -> str:
+    return values.get(element, b"").decode("ascii", "replace").rstrip(" \x00")
+
+
+# ---------------------------------------------------------------------------------------------
+# Negotiation (through pynetdicom's PDU classes and presentation-context negotiation)
+
+
+def accept_pdu(
+    request: A_ASSOCIATE,
+    accepted: list[PresentationContext],
+    roles: list[SCP_SCU_RoleSelectionNegotiation],
+    identity: Identity,
+    max_pdu: int,
+) -> bytes:
+    """The A-ASSOCIATE-AC PDU for ``request`` with ``accepted`` (results of negotiation)."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = UID(APPLICATION_CONTEXT)
+    primitive.calling_ae_title = request.calling_ae_title
+    primitive.called_ae_title = request.called_ae_title
+    primitive.result = 0x00
+    primitive.result_source = 0x01
+    primitive.presentation_context_definition_results_list = accepted
+    length = MaximumLengthNotification()
+    length.maximum_length_received = max_pdu
+    class_uid = ImplementationClassUIDNotification()
+    class_uid.implementation_class_uid = UID(identity.implementation_class_uid)
+    version = ImplementationVersionNameNotification()
+    version.implementation_version_name = identity.implementation_version
+    user_information: list[object] = [length, class_uid, version, *roles]
+    items = request.user_information
+    if any(isinstance(i, AsynchronousOperationsWindowNegotiation) for i in items):
+        window = AsynchronousOperationsWindowNegotiation()
+        window.maximum_number_operations_invoked = 1
+        window.maximum_number_operations_performed = 1
+        user_information.append(window)
+    primitive.user_information = user_information  # type: ignore[assignment]
+    pdu = A_ASSOCIATE_AC()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
+
+
+def negotiate(
+    request: A_ASSOCIATE, supported: Sequence[PresentationContext]
+) -> tuple[list[PresentationContext], list[SCP_SCU_RoleSelectionNegotiation]]:
+    """pynetdicom's acceptor negotiation of the requested presentation contexts."""
+    roles = {
+        item.sop_class_uid: (item.scu_role, item.scp_role)
+        for item in request.user_information
+        if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.sop_class_uid is not None
+    }
+    results, role_items = negotiate_as_acceptor(
+        request.presentation_context_definition_list, list(supported), roles or None
+    )
+    return list(results), list(role_items)
+
+
+def peer_max_pdu(request: A_ASSOCIATE) -> int:
+    for item in request.user_information:
+        if isinstance(item, MaximumLengthNotification):
+            return int(item.maximum_length_received or 0)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The association
+
+
+class Association:
+    """One accepted TCP connection, from A-ASSOCIATE-RQ to release or abort."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        address: str,
+        service: Service,
+        supported: Sequence[PresentationContext],
+        identity: Identity,
+        limits: Limits,
+        slots: threading.Semaphore,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.sock = sock
+        self.address = address
+        self.service = service
+        self.supported = supported
+        self.identity = identity
+        self.limits = limits
+        self.slots = slots
+        self._holds_slot = False
+        self.tls = tls
+        self._header = bytearray(6)
+        self._contexts: dict[int, UID] = {}  # accepted context id -> transfer syntax
+        self._abstract: dict[int, str] = {}
+        self._peer_max_pdu = 0
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _recv_into(self, view: memoryview, timeout: float) -> None:
+        got, need = 0, len(view)
+        self.sock.settimeout(timeout)
+        while got < need:
+            n = self.sock.recv_into(view[got:])
+            if n == 0:
+                raise PeerAborted("connection closed by the peer")
+            got += n
+
+    def _read_pdu(self, timeout: float) -> tuple[int, bytearray]:
+        self._recv_into(memoryview(self._header), timeout)
+        pdu_type, length = _HEADER.unpack(self._header)
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            raise ProtocolError(f"unknown PDU type {pdu_type:#04x}")
+        limit = self.limits.max_pdu or _UNLIMITED_PDU
+        if pdu_type == P_DATA_TF_PDU and length > limit + 6:
+            raise ProtocolError(f"P-DATA-TF of {length} bytes exceeds the maximum PDU {limit}")
+        if pdu_type != P_DATA_TF_PDU and length > 1 << 20:
+            raise ProtocolError(f"PDU type {pdu_type:#04x} of {length} bytes")
+        body = bytearray(length)
+        self._recv_into(memoryview(body), timeout)
+        return pdu_type, body
+
+    def _send(self, data: bytes) -> None:
+        self.sock.settimeout(self.limits.network_timeout_s)
+        self.sock.sendall(data)
+
+    # -- phases --------------------------------------------------------------------------
+
+    def run(self) -> None:
+        info: AssociationInfo | None = None
+        try:
+            if self.tls is not None:
+                self.sock.settimeout(self.limits.acse_timeout_s)
+                self.sock = self.tls.wrap_socket(self.sock, server_side=True)
+            info = self._establish()
+            if info is None:
+                return
+            self._transfer(info)
+        except Released:
+            if info is not None:
+                self.service.released(info)
+            info = None
+        except PeerAborted as exc:
+            log.info("association from %s ended: %s", self.address, exc)
+        except TimeoutError:
+            if info is None:  # ARTIM expired in Sta2: close, send nothing (PS3.8 AA-2)
+                log.warning("connection from %s closed: no A-ASSOCIATE-RQ in time", self.address)
+            else:
+                log.warning("association from %s aborted: timed out", self.address)
+                self._abort(REASON_NOT_SPECIFIED)
+        except ProtocolError as exc:
+            log.warning("association from %s aborted: %s", self.address, exc)
+            self._abort(REASON_UNEXPECTED_PDU)
+        except (ssl.SSLError, OSError) as exc:
+            log.warning("association from %s failed: %s", self.address, exc)
+        finally:
+            self._leave()
+            if info is not None:
+                self.service.aborted(info)
+            self._close()
+
+    def _abort(self, reason: int) -> None:
+        with contextlib.suppress(OSError):
+            self._send(abort_pdu(ABORT_SOURCE_PROVIDER, reason))
+
+    def _close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+    def _establish(self) -> AssociationInfo | None:
+        pdu_type, body = self._read_pdu(self.limits.acse_timeout_s)
+        if pdu_type != A_ASSOCIATE_RQ_PDU:
+            raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type:#04x}")
+        pdu = A_ASSOCIATE_RQ()
+        try:
+            pdu.decode(bytes(self._header) + bytes(body))
+            request = pdu.to_primitive()
+        except Exception as exc:
+            raise ProtocolError(f"undecodable A-ASSOCIATE-RQ ({type(exc).__name__})") from exc
+        calling = str(request.calling_ae_title).strip()
+        called = str(request.called_ae_title).strip()
+        rejection = self._rejection(request, calling, called)
+        if rejection is not None:
+            log.warning(
+                "association rejected: calling AE %r from %s: %s (result %d, source %d, reason %d)",
+                calling,
+                self.address,
+                rejection.why,
+                rejection.result,
+                rejection.source,
+                rejection.reason,
+            )
+            self._send(reject_pdu(rejection.result, rejection.source, rejection.reason))
+            self._linger()
+            return None
+        results, roles = negotiate(request, self.supported)
+        self._send(accept_pdu(request, results, roles, self.identity, self.limits.max_pdu))
+        for cx in results:
+            if cx.result == 0x00 and cx.context_id is not None:
+                self._contexts[cx.context_id] = UID(cx.transfer_syntax[0])
+                self._abstract[cx.context_id] = str(cx.abstract_syntax)
+        self._peer_max_pdu = peer_max_pdu(request)
+        return AssociationInfo(calling, called, self.address)
+
+    def _rejection(self, request: A_ASSOCIATE, calling: str, called: str) -> Rejection | None:
+        if str(request.application_context_name) != APPLICATION_CONTEXT:
+            return Rejection(1, 1, 2, "application context name not supported")
+        if called != self.identity.ae_title:
+            return Rejection(1, 1, 7, f"called AE title {called!r} not recognised")
+        rejection = self.service.check(calling, called, self.address)
+        if rejection is not None:
+            return rejection
+        if not self.slots.acquire(blocking=False):
+            return Rejection(2, 3, 2, "too many associations (local limit exceeded)")
+        self._holds_slot = True
+        return None
+
+    def _leave(self) -> None:
+        """Give the association's slot back (once)."""
+        if self._holds_slot:
+            self._holds_slot = False
+            self.slots.release()
+
+    def _linger(self) -> None:
+        """After A-ASSOCIATE-RJ: let the peer close first (PS3.8 Sta13), briefly."""
+        try:
+            self.sock.settimeout(min(self.limits.acse_timeout_s, 2.0))
+            while self.sock.recv(4096):
+                pass
+        except OSError:
+            pass
+
+    def _transfer(self, info: AssociationInfo) -> None:
+        command = bytearray()
+        dataset = bytearray()
+        command_done = False
+        context_id = -1
+        while True:
+            # Between messages the peer may idle up to network_timeout_s; inside a message
+            # (after its first fragment) each PDU must follow within dimse_timeout_s.
+            in_message = context_id != -1
+            pdu_type, body = self._read_pdu(
+                self.limits.dimse_timeout_s if in_message else self.limits.network_timeout_s
+            )
+            if pdu_type == A_RELEASE_RQ_PDU:
+                if command or dataset:
+                    raise ProtocolError("A-RELEASE-RQ in the middle of a message")
+                self._send(release_rp_pdu())
+                self._leave()
+                self._linger()
+                raise Released()
+            if pdu_type == A_ABORT_PDU:
+                raise PeerAborted("A-ABORT from the peer")
+            if pdu_type != P_DATA_TF_PDU:
+                raise ProtocolError(f"unexpected PDU type {pdu_type:#04x} while established")
+            view = memoryview(body)
+            pos, end = 0, len(body)
+            while pos < end:
+                if pos + 6 > end:
+                    raise ProtocolError("PDV item header truncated")
+                item_length, pcid, control = _PDV.unpack_from(body, pos)
+                if item_length < 2 or pos + 4 + item_length > end:
+                    raise ProtocolError("PDV item length does not fit its PDU")
+                if pcid not in self._contexts:
+                    raise ProtocolError(f"presentation context {pcid} was not accepted")
+                fragment = view[pos + 6 : pos + 4 + item_length]
+                pos += 4 + item_length
+                if context_id == -1:
+                    context_id = pcid
+                elif pcid != context_id:
+                    raise ProtocolError("PDVs of one message on two presentation contexts")
+                if control & 0x01:  # command fragment
+                    if command_done or len(command) + len(fragment) > _MAX_COMMAND:
+                        raise ProtocolError("unexpected command fragment")
+                    command += fragment
+                    if control & 0x02:
+                        command_done = True
+                        values = parse_command(command)
+                        if _us(values, 0x0800) == NO_DATASET:
+                            self._dispatch(info, context_id, values, None)
+                            command, command_done, context_id = bytearray(), False, -1
+                else:
+                    if not command_done:
+                        raise ProtocolError("data set fragment before its command")
+                    dataset += fragment
+                    if control & 0x02:
+                        self._dispatch(info, context_id, parse_command(command), dataset)
+                        command, dataset = bytearray(), bytearray()
+                        command_done, context_id = False, -1
+
+    def _dispatch(
+        self,
+        info: AssociationInfo,
+        context_id: int,
+        values: dict[int, bytes],
+        dataset: bytearray | None,
+    ) -> None:
+        command_field = _us(values, 0x0100)
+        message_id = _us(values, 0x0110)
+        if message_id is None:
+            raise ProtocolError("command without a Message ID")
+        sop_class = _text(values, 0x0002)
+        if command_field == C_ECHO_RQ and dataset is None:
+            rsp = response_command(C_ECHO_RSP, message_id, sop_class, 0x0000)
+        elif command_field == C_STORE_RQ and dataset is not None:
+            sop_instance = _text(values, 0x1000)
+            request = StoreRequest(sop_class, sop_instance, self._contexts[context_id], dataset)
+            status, comment = self.service.store(info, request)
+            rsp = response_command(
+                C_STORE_RSP, message_id, sop_class, status, sop_instance, comment
+            )
+        else:
+            raise ProtocolError(f"unsupported DIMSE command {command_field!r:}")
+        self._send(command_pdus(context_id, rsp, self._peer_max_pdu))
+
+
+class Server:
+    """Accepts connections on one port and runs each association on its own thread."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        make: Callable[[socket.socket, str, threading.Semaphore], Association],
+        max_associations: int,
+    ) -> None:
+        self._listener = socket.create_server((host, port), backlog=64)
+        self._make = make
+        self._slots = threading.Semaphore(max_associations)
+        self._lock = threading.Lock()
+        self._open: dict[threading.Thread, socket.socket] = {}
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._accept, name="dicom-accept", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._listener.getsockname()[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                conn, peer = self._listener.accept()
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                time.sleep(0.05)  # EMFILE and the like: do not spin
+                continue
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            association = self._make(conn, str(peer[0]), self._slots)
+            thread = threading.Thread(
+                target=self._run, args=(association,), name=f"assoc-{peer[0]}:{peer[1]}"
+            )
+            with self._lock:
+                self._open[thread] = conn
+            thread.start()
+
+    def _run(self, association: Association) -> None:
+        try:
+            association.run()
+        finally:
+            with self._lock:
+                self._open.pop(threading.current_thread(), None)
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop accepting, abort the open associations and wait for their threads."""
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        with self._lock:
+            open_now = dict(self._open)
+        for conn in open_now.values():
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + timeout_s
+        for thread in open_now:
+            thread.join(max(deadline - time.monotonic(), 0.1))
