@@ -39,9 +39,9 @@ def make_engine(url: str) -> Engine:
         def _sqlite_begin_immediate(conn: Any) -> None:
             # Take the write lock at BEGIN: a deferred transaction that reads and then writes
             # can fail at once with "database is locked" instead of waiting its turn. A
-            # connection marked read-only (the listener's lookups) takes no lock.
+            # connection marked read-only (the listener's lookups) opens no transaction: each
+            # SELECT then reads in autocommit, takes no lock and holds no snapshot.
             if conn.get_execution_options().get(READ_ONLY):
-                conn.exec_driver_sql("BEGIN")
                 return
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 

@@ -102,7 +102,7 @@ def scan(
             raise UnsupportedEncoding("deflated data set")
         return {}
     walker = _Walker(
-        bytes(data) if isinstance(data, memoryview) else data,
+        data,
         implicit=transfer_syntax.is_implicit_VR,
         fmt="<" if transfer_syntax.is_little_endian else ">",
         wanted=wanted,
@@ -137,7 +137,12 @@ def header_values(
 
 class _Walker:
     def __init__(
-        self, data: bytes | bytearray, *, implicit: bool, fmt: str, wanted: dict[int, str]
+        self,
+        data: bytes | bytearray | memoryview,
+        *,
+        implicit: bool,
+        fmt: str,
+        wanted: dict[int, str],
     ) -> None:
         self.data = data
         self.implicit = implicit

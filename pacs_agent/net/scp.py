@@ -68,7 +68,7 @@ from pacs_agent.net.upperlayer import (
     Server,
     StoreRequest,
 )
-from pacs_agent.storage.spool import InvalidUID, Spool
+from pacs_agent.storage.spool import InvalidUID, Spool, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +160,15 @@ class Receiver:
     writer: IndexWriter | None = None
 
     def index(self, header: InstanceHeader, stored: StoredFile) -> None:
-        """Commit the index row of a durable instance (batched with concurrent ones)."""
+        """Make the directory of a stored instance durable and commit its index row (both
+        batched with concurrent instances by the writer)."""
+        directory = self.spool.path(stored.relative_path).parent
         if self.writer is not None:
-            self.writer.index(header, stored, self.clock(), reopen=self.reopen_complete)
+            self.writer.index(
+                header, stored, self.clock(), reopen=self.reopen_complete, directory=directory
+            )
         else:
+            fsync_dir(directory)
             index_instance(
                 self.session_factory, header, stored, self.clock(), reopen=self.reopen_complete
             )
@@ -181,7 +186,7 @@ def read_header(data: bytes, transfer_syntax: UID) -> InstanceHeader:
 
 
 def dataset_header(
-    prefix: bytes, data: bytes | bytearray, offset: int, transfer_syntax: UID
+    prefix: bytes, data: bytes | bytearray | memoryview, offset: int, transfer_syntax: UID
 ) -> InstanceHeader:
     """The index's header of the data set that starts at ``offset`` of ``data``; ``prefix``
     is its Part-10 preamble and file meta (for pydicom, when the walker cannot read it)."""
@@ -303,7 +308,9 @@ def store_instance(
     else:
         relative = receiver.spool.relative_path(*uids)
     try:
-        receiver.spool.store(relative, data)
+        # The directory is made durable before the index commits: by the index writer (once
+        # per batch) for a row it writes, here for a keep-both copy.
+        receiver.spool.store(relative, data, sync_dir=arrival is Arrival.KEEP_BOTH)
     except OSError as exc:
         log.error(
             "C-STORE 0xA700: spool write failed for SOP %s: %s",

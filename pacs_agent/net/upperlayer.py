@@ -68,7 +68,39 @@ _PDV = struct.Struct(">IBB")
 _ELEMENT = struct.Struct("<HHI")
 _MAX_COMMAND = 64 * 1024
 # max_pdu = 0 ("no limit") still refuses a PDU that would need an absurd buffer.
-_UNLIMITED_PDU = 256 * 1024 * 1024  # a command set is a few hundred bytes; more is not DICOM
+_UNLIMITED_PDU = 256 * 1024 * 1024
+_INITIAL_BUFFER = 1024 * 1024
+# A buffer grown past this for one large instance is given back after it.
+_KEEP_BUFFER = 64 * 1024 * 1024
+
+
+class _Buffer:
+    """A byte buffer kept for the whole association, so receiving an instance allocates
+    (and page-faults in) nothing new: fragments are copied in at ``length``."""
+
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(size)
+        self.length = 0
+
+    def reset(self, need: int) -> None:
+        """Empty it, with room for ``need`` bytes (and not much more than needed later)."""
+        self.length = 0
+        if need > len(self.data) or len(self.data) > max(_KEEP_BUFFER, need):
+            self.data = bytearray(max(need, _INITIAL_BUFFER))
+
+    def append(self, chunk: memoryview) -> None:
+        end = self.length + len(chunk)
+        if end > len(self.data):  # a new buffer: views handed out of the old one stay valid
+            grown = bytearray(max(end, 2 * len(self.data)))
+            grown[: self.length] = self.data[: self.length]
+            self.data = grown
+        self.data[self.length : end] = chunk
+        self.length = end
+
+    def view(self, length: int) -> memoryview:
+        return memoryview(self.data)[
+            :length
+        ]  # a command set is a few hundred bytes; more is not DICOM
 
 
 class ProtocolError(Exception):
@@ -100,7 +132,8 @@ class StoreRequest:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax: UID
-    dataset: bytearray
+    #: The data set's bytes: a view of the association's buffer, valid during the call only.
+    dataset: memoryview
 
 
 class Service(Protocol):
@@ -321,22 +354,46 @@ class Association:
         self._holds_slot = False
         self.tls = tls
         self._header = bytearray(6)
+        self._pdu = _Buffer(_INITIAL_BUFFER)  # the P-DATA-TF being read
+        self._dataset = _Buffer(_INITIAL_BUFFER)  # the data set being gathered
         self._contexts: dict[int, UID] = {}  # accepted context id -> transfer syntax
         self._abstract: dict[int, str] = {}
         self._peer_max_pdu = 0
+        self._timeout_now: float | None = None
+        # Plain TCP: blocking reads with kernel timeouts, MSG_WAITALL (one recv per PDU, no
+        # poll). TLS sockets take neither: Python's own timeouts there.
+        self._kernel_timeouts = tls is None
+        self._recv_flags = socket.MSG_WAITALL if tls is None else 0
 
     # -- reading -------------------------------------------------------------------------
 
+    def _set_timeout(self, timeout: float) -> None:
+        if timeout == self._timeout_now:
+            return
+        if self._kernel_timeouts:
+            seconds = int(timeout)
+            value = struct.pack("ll", seconds, int((timeout - seconds) * 1_000_000))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+        else:
+            self.sock.settimeout(timeout)
+        self._timeout_now = timeout
+
     def _recv_into(self, view: memoryview, timeout: float) -> None:
+        self._set_timeout(timeout)
         got, need = 0, len(view)
-        self.sock.settimeout(timeout)
         while got < need:
-            n = self.sock.recv_into(view[got:])
+            try:
+                n = self.sock.recv_into(view[got:], 0, self._recv_flags)
+            except BlockingIOError as exc:  # the kernel timeout (SO_RCVTIMEO) expired
+                raise TimeoutError("timed out") from exc
             if n == 0:
                 raise PeerAborted("connection closed by the peer")
             got += n
 
-    def _read_pdu(self, timeout: float) -> tuple[int, bytearray]:
+    def _read_pdu(self, timeout: float) -> tuple[int, memoryview]:
+        """The next PDU's type and body. The body is a view of a buffer that the next read
+        reuses: use it before reading again."""
         self._recv_into(memoryview(self._header), timeout)
         pdu_type, length = _HEADER.unpack(self._header)
         if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
@@ -346,13 +403,17 @@ class Association:
             raise ProtocolError(f"P-DATA-TF of {length} bytes exceeds the maximum PDU {limit}")
         if pdu_type != P_DATA_TF_PDU and length > 1 << 20:
             raise ProtocolError(f"PDU type {pdu_type:#04x} of {length} bytes")
-        body = bytearray(length)
-        self._recv_into(memoryview(body), timeout)
+        self._pdu.reset(length)
+        body = self._pdu.view(length)
+        self._recv_into(body, timeout)
         return pdu_type, body
 
     def _send(self, data: bytes) -> None:
-        self.sock.settimeout(self.limits.network_timeout_s)
-        self.sock.sendall(data)
+        self._set_timeout(self.limits.network_timeout_s)
+        try:
+            self.sock.sendall(data)
+        except BlockingIOError as exc:  # the kernel timeout (SO_SNDTIMEO) expired
+            raise TimeoutError("timed out sending") from exc
 
     # -- phases --------------------------------------------------------------------------
 
@@ -463,7 +524,7 @@ class Association:
 
     def _transfer(self, info: AssociationInfo) -> None:
         command = bytearray()
-        dataset = bytearray()
+        dataset = self._dataset
         command_done = False
         context_id = -1
         while True:
@@ -474,7 +535,7 @@ class Association:
                 self.limits.dimse_timeout_s if in_message else self.limits.network_timeout_s
             )
             if pdu_type == A_RELEASE_RQ_PDU:
-                if command or dataset:
+                if context_id != -1:
                     raise ProtocolError("A-RELEASE-RQ in the middle of a message")
                 self._send(release_rp_pdu())
                 self._leave()
@@ -484,7 +545,7 @@ class Association:
                 raise PeerAborted("A-ABORT from the peer")
             if pdu_type != P_DATA_TF_PDU:
                 raise ProtocolError(f"unexpected PDU type {pdu_type:#04x} while established")
-            view = memoryview(body)
+            view = body
             pos, end = 0, len(body)
             while pos < end:
                 if pos + 6 > end:
@@ -513,10 +574,12 @@ class Association:
                 else:
                     if not command_done:
                         raise ProtocolError("data set fragment before its command")
-                    dataset += fragment
+                    dataset.append(fragment)
                     if control & 0x02:
-                        self._dispatch(info, context_id, parse_command(command), dataset)
-                        command, dataset = bytearray(), bytearray()
+                        with dataset.view(dataset.length) as whole:
+                            self._dispatch(info, context_id, parse_command(command), whole)
+                        dataset.reset(0)
+                        command = bytearray()
                         command_done, context_id = False, -1
 
     def _dispatch(
@@ -524,7 +587,7 @@ class Association:
         info: AssociationInfo,
         context_id: int,
         values: dict[int, bytes],
-        dataset: bytearray | None,
+        dataset: memoryview | None,
     ) -> None:
         command_field = _us(values, 0x0100)
         message_id = _us(values, 0x0110)

@@ -52,13 +52,15 @@ def _make_dirs(path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def write_durable(path: Path, data: Buffer | Sequence[Buffer]) -> None:
+def write_durable(path: Path, data: Buffer | Sequence[Buffer], *, sync_dir: bool = True) -> None:
     """Write ``data`` (bytes, or buffers written one after another) to ``path`` so that it
     survives a crash once this returns.
 
     Temp file in the same directory (named for this thread, so concurrent writers of one
     path never share one), fsync, rename over the target, fsync the directory. On any error
-    (a full disk) the temp file is removed and the target is untouched.
+    (a full disk) the temp file is removed and the target is untouched. With ``sync_dir``
+    false the caller makes the directory durable itself (fsync_dir) before relying on the
+    new name: the listener's index writer does it once for a batch of instances.
     """
     parts: Sequence[Buffer] = [data] if isinstance(data, Buffer) else data
     _make_dirs(path.parent)
@@ -80,7 +82,8 @@ def write_durable(path: Path, data: Buffer | Sequence[Buffer]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 class Spool:
@@ -124,7 +127,9 @@ class Spool:
         except OSError:
             pass
 
-    def store(self, relative: Path, data: Buffer | Sequence[Buffer]) -> Path:
+    def store(
+        self, relative: Path, data: Buffer | Sequence[Buffer], *, sync_dir: bool = True
+    ) -> Path:
         target = self.root / relative
-        write_durable(target, data)
+        write_durable(target, data, sync_dir=sync_dir)
         return target
