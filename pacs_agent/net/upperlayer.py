@@ -422,7 +422,13 @@ class Association:
         try:
             if self.tls is not None:
                 self.sock.settimeout(self.limits.acse_timeout_s)
-                self.sock = self.tls.wrap_socket(self.sock, server_side=True)
+                # Handshake after the assignment: wrap_socket detaches the plain socket, and
+                # Server.shutdown must reach the socket that is in use.
+                tls_sock = self.tls.wrap_socket(
+                    self.sock, server_side=True, do_handshake_on_connect=False
+                )
+                self.sock = tls_sock
+                tls_sock.do_handshake()
             info = self._establish()
             if info is None:
                 return
@@ -622,7 +628,7 @@ class Server:
         self._make = make
         self._slots = threading.Semaphore(max_associations)
         self._lock = threading.Lock()
-        self._open: dict[threading.Thread, socket.socket] = {}
+        self._open: dict[threading.Thread, Association] = {}
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._accept, name="dicom-accept", daemon=True)
 
@@ -648,7 +654,7 @@ class Server:
                 target=self._run, args=(association,), name=f"assoc-{peer[0]}:{peer[1]}"
             )
             with self._lock:
-                self._open[thread] = conn
+                self._open[thread] = association
             thread.start()
 
     def _run(self, association: Association) -> None:
@@ -668,9 +674,11 @@ class Server:
             self._thread.join(timeout_s)
         with self._lock:
             open_now = dict(self._open)
-        for conn in open_now.values():
+        for association in open_now.values():
             with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
+                # The TCP connection under TLS too (SSLSocket.shutdown drops its SSL state,
+                # which the association's thread is using).
+                socket.socket.shutdown(association.sock, socket.SHUT_RDWR)
         deadline = time.monotonic() + timeout_s
         for thread in open_now:
             thread.join(max(deadline - time.monotonic(), 0.1))
