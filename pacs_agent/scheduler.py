@@ -26,6 +26,7 @@ from pacs_agent.db.jobs import (
     transition,
 )
 from pacs_agent.db.models import Job, Study, utcnow
+from pacs_agent.db.session import read_session
 from pacs_agent.domain.completeness import (
     CompletenessPolicy,
     Completion,
@@ -118,7 +119,7 @@ class Scheduler:
 
     # -- assembler and router ---------------------------------------------------------------
     def complete_studies(self, now: datetime) -> list[int]:
-        with self.session_factory() as session:
+        with read_session(self.session_factory) as session:
             receiving = session.execute(
                 select(
                     Study.id,
@@ -144,7 +145,7 @@ class Scheduler:
     def study_policy(self, study_id: int) -> CompletenessPolicy:
         """The completeness policy of a study: the most patient of the rules its series match
         (``[assembler]`` for rules without their own timeouts, or when none matches)."""
-        with self.session_factory() as session:
+        with read_session(self.session_factory) as session:
             facts, _ = series_facts(session, study_id)
         matched = {sel.rule for sel in select_models(facts, self.rules)}
         return most_patient(
@@ -216,7 +217,7 @@ class Scheduler:
         message leaves (outbox). At most ``broker.max_queued`` wait in the broker, so an
         urgent job created later still overtakes a routine backlog."""
         cap = self.settings.broker.max_queued
-        with self.session_factory() as session:
+        with read_session(self.session_factory) as session:
             room = cap - count_in(session, JobStatus.QUEUED) if cap else 100
             if room <= 0:
                 return 0
@@ -248,7 +249,7 @@ class Scheduler:
     def sweep(self, now: datetime) -> None:
         """Send again what a dead worker or a lost message left behind."""
         w = self.settings.worker
-        with self.session_factory() as session:
+        with read_session(self.session_factory) as session:
             expired = [
                 (j.id, j.attempts)
                 for j in session.scalars(
@@ -322,7 +323,7 @@ class Scheduler:
                 log.warning("job %d: broker unavailable for export (%s)", job_id, exc)
 
     def _send(self, job_id: int) -> None:
-        with self.session_factory() as session:
+        with read_session(self.session_factory) as session:
             row = session.execute(
                 select(Job.priority, Job.model_name).where(Job.id == job_id)
             ).one()

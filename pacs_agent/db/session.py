@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +52,12 @@ def make_engine(url: str) -> Engine:
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def read_session(session_factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A session for reads only: on SQLite it takes no write lock (see READ_ONLY), so a
+    periodic reader never holds up the listener's index writer."""
+    with session_factory() as session:
+        session.connection(execution_options={READ_ONLY: True})
+        yield session
