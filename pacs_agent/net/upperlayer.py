@@ -53,6 +53,7 @@ A_ABORT_PDU = 0x07
 # A-ABORT sources and reasons (PS3.8 9.3.8)
 ABORT_SOURCE_PROVIDER = 0x02
 REASON_NOT_SPECIFIED = 0x00
+REASON_UNRECOGNIZED_PDU = 0x01
 REASON_UNEXPECTED_PDU = 0x02
 REASON_INVALID_PARAMETER = 0x06
 
@@ -61,7 +62,11 @@ C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 C_ECHO_RQ = 0x0030
 C_ECHO_RSP = 0x8030
+C_CANCEL_RQ = 0x0FFF
 NO_DATASET = 0x0101
+# DIMSE statuses of the upper layer itself (PS3.7 C.4, C.5)
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+UNRECOGNIZED_OPERATION = 0x0211
 
 _HEADER = struct.Struct(">BxI")
 _PDV = struct.Struct(">IBB")
@@ -104,7 +109,11 @@ class _Buffer:
 
 
 class ProtocolError(Exception):
-    """The peer broke PS3.8/PS3.7: the association is aborted."""
+    """The peer broke PS3.8/PS3.7: the association is aborted with ``reason``."""
+
+    def __init__(self, message: str, reason: int = REASON_UNEXPECTED_PDU) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class PeerAborted(Exception):
@@ -397,7 +406,7 @@ class Association:
         self._recv_into(memoryview(self._header), timeout)
         pdu_type, length = _HEADER.unpack(self._header)
         if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
-            raise ProtocolError(f"unknown PDU type {pdu_type:#04x}")
+            raise ProtocolError(f"unknown PDU type {pdu_type:#04x}", REASON_UNRECOGNIZED_PDU)
         limit = self.limits.max_pdu or _UNLIMITED_PDU
         if pdu_type == P_DATA_TF_PDU and length > limit + 6:
             raise ProtocolError(f"P-DATA-TF of {length} bytes exceeds the maximum PDU {limit}")
@@ -447,7 +456,7 @@ class Association:
                 self._abort(REASON_NOT_SPECIFIED)
         except ProtocolError as exc:
             log.warning("association from %s aborted: %s", self.address, exc)
-            self._abort(REASON_UNEXPECTED_PDU)
+            self._abort(exc.reason)
         except (ssl.SSLError, OSError) as exc:
             log.warning("association from %s failed: %s", self.address, exc)
         finally:
@@ -467,6 +476,8 @@ class Association:
 
     def _establish(self) -> AssociationInfo | None:
         pdu_type, body = self._read_pdu(self.limits.acse_timeout_s)
+        if pdu_type == A_ABORT_PDU:  # Sta2 + A-ABORT: just close (PS3.8 AA-2)
+            raise PeerAborted("A-ABORT before association")
         if pdu_type != A_ASSOCIATE_RQ_PDU:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type {pdu_type:#04x}")
         pdu = A_ASSOCIATE_RQ()
@@ -596,21 +607,49 @@ class Association:
         dataset: memoryview | None,
     ) -> None:
         command_field = _us(values, 0x0100)
+        if command_field == C_CANCEL_RQ:
+            return  # nothing of ours can be cancelled; no response is sent (PS3.7 9.3.2.3)
         message_id = _us(values, 0x0110)
         if message_id is None:
             raise ProtocolError("command without a Message ID")
         sop_class = _text(values, 0x0002)
-        if command_field == C_ECHO_RQ and dataset is None:
+        context_class = self._abstract[context_id]
+        if command_field is None or command_field & 0x8000:
+            raise ProtocolError(f"not a request: command field {command_field!r}")
+        if command_field == C_STORE_RQ and dataset is None:
+            raise ProtocolError("C-STORE-RQ without a data set")
+        if command_field not in (C_ECHO_RQ, C_STORE_RQ):
+            # C-FIND, N-ACTION and the like: not offered here (PS3.7 C.4: unrecognized op).
+            log.warning("DIMSE command %#06x from %s refused 0x0211", command_field, info.address)
+            rsp = response_command(
+                command_field | 0x8000, message_id, sop_class, UNRECOGNIZED_OPERATION
+            )
+        elif sop_class != context_class:
+            # PS3.7 9.1.1.1: the SOP class must be the presentation context's abstract syntax.
+            log.warning(
+                "C-STORE/C-ECHO of %s on a %s context from %s refused 0x0122",
+                sop_class,
+                context_class,
+                info.address,
+            )
+            rsp = response_command(
+                command_field | 0x8000,
+                message_id,
+                sop_class,
+                SOP_CLASS_NOT_SUPPORTED,
+                _text(values, 0x1000) if command_field == C_STORE_RQ else None,
+                "SOP class differs from the presentation context",
+            )
+        elif command_field == C_ECHO_RQ:
             rsp = response_command(C_ECHO_RSP, message_id, sop_class, 0x0000)
-        elif command_field == C_STORE_RQ and dataset is not None:
+        else:
+            assert dataset is not None
             sop_instance = _text(values, 0x1000)
             request = StoreRequest(sop_class, sop_instance, self._contexts[context_id], dataset)
             status, comment = self.service.store(info, request)
             rsp = response_command(
                 C_STORE_RSP, message_id, sop_class, status, sop_instance, comment
             )
-        else:
-            raise ProtocolError(f"unsupported DIMSE command {command_field!r:}")
         self._send(command_pdus(context_id, rsp, self._peer_max_pdu))
 
 

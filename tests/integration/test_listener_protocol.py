@@ -217,13 +217,15 @@ class RawPeer:
                     assert isinstance(ds, Dataset)
                     return ds, lengths
 
-    def expect_provider_abort(self) -> None:
-        """The listener sends A-ABORT (provider, unexpected PDU) and closes the connection."""
+    def expect_provider_abort(self, reason: int = 0x02) -> None:
+        """The listener sends A-ABORT (provider, ``reason``: unexpected PDU by default) and
+        closes the connection."""
         raw = self.read_pdu()
         abort = A_ABORT_RQ()
         abort.decode(raw)
-        assert (abort.source, abort.reason_diagnostic) == (0x02, 0x02)
-        assert raw == PROVIDER_ABORT
+        assert (abort.source, abort.reason_diagnostic) == (0x02, reason)
+        if reason == 0x02:
+            assert raw == PROVIDER_ABORT
         assert self.at_eof()
 
 
@@ -296,13 +298,14 @@ def test_unknown_pdu_type_after_association_aborts_a_pynetdicom_requestor(start:
     assert _echo(running.cfg.port) == 0
 
 
-def test_unknown_pdu_type_is_answered_with_a_provider_abort(start: Any, raw_peers: Any) -> None:
+def test_unknown_pdu_type_is_answered_with_a_provider_abort_unrecognized_pdu(
+    start: Any, raw_peers: Any
+) -> None:
     running = start()
     peer = raw_peers(running.cfg.port)
     assert peer.associate([(1, Verification, ImplicitVRLittleEndian)]) == {1}
     peer.send(b"\x7f\x00\x00\x00\x00\x04\x00\x00\x00\x00")
-    # PS3.8 would say "unrecognized PDU" (reason 1); the listener says "unexpected PDU" (2).
-    peer.expect_provider_abort()
+    peer.expect_provider_abort(reason=0x01)  # unrecognized PDU (PS3.8 9.3.8)
 
 
 def test_association_request_while_established_aborts(start: Any, raw_peers: Any) -> None:
@@ -494,6 +497,62 @@ def test_several_pdvs_in_one_pdu_make_one_message(
     assert rsp.Status == 0
     uid = str(dcmread(ct_files[1], stop_before_pixels=True).SOPInstanceUID)
     assert dataset_bytes(_stored_bytes(running, uid)) == dataset_bytes(ct_files[1].read_bytes())
+
+
+def _command(elements: list[tuple[int, bytes]]) -> bytes:
+    """A command set (implicit VR little endian) with its group length."""
+    body = b"".join(struct.pack("<HHI", 0, tag, len(v)) + v for tag, v in elements)
+    return struct.pack("<HHI", 0, 0, 4) + struct.pack("<I", len(body)) + body
+
+
+def _us(value: int) -> bytes:
+    return struct.pack("<H", value)
+
+
+def test_store_on_a_context_of_another_sop_class_is_refused_0122_and_nothing_stored(
+    start: Any, raw_peers: Any, ct_files: list[Path]
+) -> None:
+    """PS3.7 9.1.1.1: a C-STORE's SOP class is its presentation context's abstract syntax."""
+    running = start()
+    peer = raw_peers(running.cfg.port)
+    assert peer.associate([(1, Verification, ExplicitVRLittleEndian)]) == {1}
+    for raw in store_pdus(ct_files[2], 1, 16384):
+        peer.send(raw)
+    rsp, _ = peer.read_response()
+    assert rsp.Status == 0x0122 and rsp.CommandField == 0x8001
+    with running.session_factory() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 0
+    peer.send(struct.pack(">BxIxxxx", 0x05, 4))  # still established: release works
+    assert peer.read_pdu()[0] == 0x06
+
+
+def test_unsupported_dimse_command_is_answered_0211_and_the_association_goes_on(
+    start: Any, raw_peers: Any
+) -> None:
+    running = start()
+    peer = raw_peers(running.cfg.port)
+    assert peer.associate([(1, Verification, ImplicitVRLittleEndian)]) == {1}
+    uid = Verification.encode() + b"\x00" if len(Verification) % 2 else Verification.encode()
+    # An N-ACTION-RQ (0x0130) without a data set: not a service this listener offers.
+    command = _command([(0x0002, uid), (0x0100, _us(0x0130)), (0x0110, _us(7)),
+                        (0x0800, _us(0x0101))])  # fmt: skip
+    peer.send(command_pdu(1, command, 0x03))
+    rsp, _ = peer.read_response()
+    assert (rsp.CommandField, rsp.MessageIDBeingRespondedTo, rsp.Status) == (0x8130, 7, 0x0211)
+    # C-CANCEL gets no answer; the next C-ECHO does.
+    cancel = _command([(0x0100, _us(0x0FFF)), (0x0120, _us(7)), (0x0800, _us(0x0101))])
+    echo = _command([(0x0002, uid), (0x0100, _us(0x0030)), (0x0110, _us(8)),
+                     (0x0800, _us(0x0101))])  # fmt: skip
+    peer.send(command_pdu(1, cancel, 0x03) + command_pdu(1, echo, 0x03))
+    rsp, _ = peer.read_response()
+    assert (rsp.CommandField, rsp.MessageIDBeingRespondedTo, rsp.Status) == (0x8030, 8, 0)
+
+
+def test_abort_before_any_association_request_is_met_by_a_close(start: Any, raw_peers: Any) -> None:
+    running = start()
+    peer = raw_peers(running.cfg.port)
+    peer.send(struct.pack(">BxIxxBB", 0x07, 4, 0, 0))
+    assert peer.at_eof()  # PS3.8 Sta2: AA-2, close without answering
 
 
 # ---------------------------------------------------------------------------------------------
