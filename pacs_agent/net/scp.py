@@ -415,6 +415,9 @@ def start_listener(settings: ListenerSettings, receiver: Receiver) -> RunningLis
         return Association(sock, address, service, supported, identity, limits, slots, tls)
 
     server = Server(settings.host, settings.port, association, settings.max_associations)
+    left = receiver.spool.clear_incoming()
+    if left:
+        log.warning("removed %d half-received files left by a stopped listener", left)
     if receiver.writer is None:
         receiver.writer = IndexWriter(receiver.session_factory)
     server.start()

@@ -52,7 +52,13 @@ def _make_dirs(path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def write_durable(path: Path, data: Buffer | Sequence[Buffer], *, sync_dir: bool = True) -> None:
+def write_durable(
+    path: Path,
+    data: Buffer | Sequence[Buffer],
+    *,
+    sync_dir: bool = True,
+    temp_dir: Path | None = None,
+) -> None:
     """Write ``data`` (bytes, or buffers written one after another) to ``path`` so that it
     survives a crash once this returns.
 
@@ -60,11 +66,12 @@ def write_durable(path: Path, data: Buffer | Sequence[Buffer], *, sync_dir: bool
     path never share one), fsync, rename over the target, fsync the directory. On any error
     (a full disk) the temp file is removed and the target is untouched. With ``sync_dir``
     false the caller makes the directory durable itself (fsync_dir) before relying on the
-    new name: the listener's index writer does it once for a batch of instances.
+    new name: the listener's index writer does it once for a batch of instances. The temp
+    file goes to ``temp_dir`` when given (same filesystem), else beside ``path``.
     """
     parts: Sequence[Buffer] = [data] if isinstance(data, Buffer) else data
     _make_dirs(path.parent)
-    tmp = path.parent / f".incoming-{threading.get_ident()}-{path.name}.part"
+    tmp = (temp_dir or path.parent) / f".incoming-{threading.get_ident()}-{path.name}.part"
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -84,6 +91,9 @@ def write_durable(path: Path, data: Buffer | Sequence[Buffer], *, sync_dir: bool
         raise
     if sync_dir:
         fsync_dir(path.parent)
+
+
+_INCOMING = ".incoming"
 
 
 class Spool:
@@ -118,6 +128,16 @@ class Spool:
             / check_uid("SeriesInstanceUID", series_uid)
         )
 
+    def clear_incoming(self) -> int:
+        """Remove what a stopped listener left half-written in ``.incoming`` (never indexed,
+        never answered); the number of files removed."""
+        removed = 0
+        for leftover in (self.root / _INCOMING).glob("*.part"):
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+                removed += 1
+        return removed
+
     def discard(self, relative: Path) -> None:
         """Remove a stored file whose index row could not be written (best effort)."""
         target = self.root / relative
@@ -130,6 +150,11 @@ class Spool:
     def store(
         self, relative: Path, data: Buffer | Sequence[Buffer], *, sync_dir: bool = True
     ) -> Path:
+        """Write ``relative`` durably; its temp file lives in ``.incoming/`` (so what a
+        stopped listener left half-written is in one place: ``clear_incoming``)."""
         target = self.root / relative
-        write_durable(target, data, sync_dir=sync_dir)
+        incoming = self.root / _INCOMING
+        if not incoming.is_dir():
+            _make_dirs(incoming)
+        write_durable(target, data, sync_dir=sync_dir, temp_dir=incoming)
         return target

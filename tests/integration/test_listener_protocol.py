@@ -581,7 +581,7 @@ def test_peer_abort_midway_leaves_its_study_pending_and_nothing_partial(
         study = s.scalars(select(Study)).one()
         assert study.status == "receiving"
         assert study.last_released_at is None  # an abort is no release
-    assert not list(running.spool.rglob(".incoming-*"))
+    assert not list(running.spool.rglob(".incoming-*")) + list(running.spool.rglob("*.part"))
     assert _echo(running.cfg.port) == 0
 
 
@@ -598,7 +598,7 @@ def test_connection_closed_mid_data_set_indexes_nothing_and_the_listener_serves_
     running.wait_idle()
     assert running.count(Instance) == 0
     assert running.count(Study) == 0
-    assert not list(running.spool.rglob(".incoming-*"))
+    assert not list(running.spool.rglob(".incoming-*")) + list(running.spool.rglob("*.part"))
     assert not list(running.spool.rglob("*.dcm"))
     assert _echo(running.cfg.port) == 0
 

@@ -35,3 +35,23 @@ def test_failed_write_removes_the_temp_file_and_keeps_the_old_copy(tmp_path: Pat
         write_durable(target, object())  # type: ignore[arg-type]
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["x.dcm"]
+
+
+def test_spool_store_keeps_its_temp_files_in_incoming_and_leaves_none(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    rel = spool.relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    spool.store(rel, [b"DICM", bytearray(b"-data")])
+    assert (tmp_path / rel).read_bytes() == b"DICM-data"
+    assert os.listdir(tmp_path / rel.parent) == ["1.2.3.4.5.dcm"]
+    assert os.listdir(tmp_path / ".incoming") == []
+
+
+def test_clear_incoming_removes_what_a_stopped_listener_left_half_written(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path)
+    assert spool.clear_incoming() == 0  # no spool yet: nothing to do
+    (tmp_path / ".incoming").mkdir()
+    (tmp_path / ".incoming" / ".incoming-1-x.dcm.part").write_bytes(b"half")
+    assert spool.clear_incoming() == 1
+    assert os.listdir(tmp_path / ".incoming") == []
