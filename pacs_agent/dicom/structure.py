@@ -146,62 +146,62 @@ class _Walker:
     ) -> None:
         self.data = data
         self.implicit = implicit
-        self.fmt = fmt
         self.wanted = wanted
         self.found: dict[int, bytes] = {}
-
-    def _u16(self, pos: int) -> int:
-        return int(struct.unpack_from(self.fmt + "H", self.data, pos)[0])
-
-    def _u32(self, pos: int) -> int:
-        return int(struct.unpack_from(self.fmt + "I", self.data, pos)[0])
-
-    def _tag(self, pos: int) -> int:
-        return (self._u16(pos) << 16) | self._u16(pos + 2)
-
-    def _need(self, pos: int, count: int, limit: int) -> None:
-        if pos + count > limit:
-            raise Truncated(f"data end inside an element at byte {pos}")
+        # One unpack per element header: (group, element, length) for implicit VR and
+        # items; (group, element, VR, 16-bit length) for explicit VR; a 32-bit length.
+        self._implicit = struct.Struct(fmt + "HHI")
+        self._explicit = struct.Struct(fmt + "HH2sH")
+        self._u32 = struct.Struct(fmt + "I")
 
     def elements(self, pos: int, limit: int, until: int | None, depth: int) -> int:
         """Walk elements from ``pos``; stop at ``limit`` or after the ``until`` delimiter.
 
         At ``depth`` 0 (the top level) the values of wanted tags are kept in ``found``."""
+        data, wanted, implicit = self.data, self.wanted, self.implicit
+        unpack_implicit = self._implicit.unpack_from
+        unpack_explicit = self._explicit.unpack_from
         while pos < limit:
-            self._need(pos, 8, limit)
-            tag = self._tag(pos)
-            if until is not None and tag == until:
-                return pos + 8
-            if self.implicit or tag >> 16 == 0xFFFE:
-                length = self._u32(pos + 4)
-                vr = b"SQ" if length == _UNDEFINED else b""
+            if pos + 8 > limit:
+                raise Truncated(f"data end inside an element at byte {pos}")
+            if implicit:
+                group, element, length = unpack_implicit(data, pos)
                 pos += 8
             else:
-                vr = bytes(self.data[pos + 4 : pos + 6])
-                if vr in _LONG_VRS:
-                    self._need(pos, 12, limit)
-                    length = self._u32(pos + 8)
+                group, element, vr, length = unpack_explicit(data, pos)
+                if group == 0xFFFE:
+                    group, element, length = unpack_implicit(data, pos)
+                    pos += 8
+                elif vr in _LONG_VRS:
+                    if pos + 12 > limit:
+                        raise Truncated(f"data end inside an element at byte {pos}")
+                    (length,) = self._u32.unpack_from(data, pos + 8)
                     pos += 12
                 else:
-                    length = self._u16(pos + 6)
                     pos += 8
+            tag = (group << 16) | element
+            if until is not None and tag == until:
+                return pos
             if length == _UNDEFINED:
                 pos = self.items(pos, limit)
-            else:
-                self._need(pos, length, limit)
-                if depth == 0 and tag in self.wanted:
-                    self.found[tag] = bytes(self.data[pos : pos + length])
-                pos += length
+                continue
+            if pos + length > limit:
+                raise Truncated(f"data end inside an element at byte {pos}")
+            if depth == 0 and tag in wanted:
+                self.found[tag] = bytes(data[pos : pos + length])
+            pos += length
         if until is not None:
             raise Truncated("data end before a sequence or item delimiter")
         return pos
 
     def items(self, pos: int, limit: int) -> int:
         """Items of an undefined-length sequence (or encapsulated pixel data)."""
+        unpack_implicit = self._implicit.unpack_from
         while True:
-            self._need(pos, 8, limit)
-            tag = self._tag(pos)
-            length = self._u32(pos + 4)
+            if pos + 8 > limit:
+                raise Truncated(f"data end inside an element at byte {pos}")
+            group, element, length = unpack_implicit(self.data, pos)
+            tag = (group << 16) | element
             pos += 8
             if tag == _SEQ_END:
                 return pos
@@ -211,7 +211,8 @@ class _Walker:
                 # An item of undefined length: a nested data set up to the item delimiter.
                 pos = self.elements(pos, limit, until=_ITEM_END, depth=1)
             else:
-                self._need(pos, length, limit)
+                if pos + length > limit:
+                    raise Truncated(f"data end inside an element at byte {pos}")
                 pos += length
 
 
