@@ -369,6 +369,7 @@ class Association:
         self._abstract: dict[int, str] = {}
         self._peer_max_pdu = 0
         self._timeout_now: float | None = None
+        self._send_timeout_set = False
         # Plain TCP: blocking reads with kernel timeouts, MSG_WAITALL (one recv per PDU, no
         # poll). TLS sockets take neither: Python's own timeouts there.
         self._kernel_timeouts = tls is None
@@ -383,7 +384,6 @@ class Association:
             seconds = int(timeout)
             value = struct.pack("ll", seconds, int((timeout - seconds) * 1_000_000))
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
         else:
             self.sock.settimeout(timeout)
         self._timeout_now = timeout
@@ -418,7 +418,14 @@ class Association:
         return pdu_type, body
 
     def _send(self, data: bytes) -> None:
-        self._set_timeout(self.limits.network_timeout_s)
+        if not self._kernel_timeouts:
+            self._set_timeout(self.limits.network_timeout_s)
+        elif not self._send_timeout_set:  # once: sends always wait up to network_timeout_s
+            timeout = self.limits.network_timeout_s
+            seconds = int(timeout)
+            value = struct.pack("ll", seconds, int((timeout - seconds) * 1_000_000))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+            self._send_timeout_set = True
         try:
             self.sock.sendall(data)
         except BlockingIOError as exc:  # the kernel timeout (SO_SNDTIMEO) expired
