@@ -46,6 +46,7 @@ export PYTHONPATH="$SITE:$PWD"
 say "machine"
 {
     nvidia-smi -L
+    nvidia-smi --query-gpu=driver_version --format=csv,noheader
     python3 --version
     timeout -k 5 45 python3 - <<'EOF'
 import importlib.metadata as md
