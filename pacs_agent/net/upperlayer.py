@@ -168,8 +168,16 @@ class AssociationInfo:
     calling_ae: str
     called_ae: str
     address: str
+    #: C-STOREs answered success / with another status, for the log line at its end.
+    stored: int = 0
+    refused: int = 0
     #: Free for the Service (the studies this association touched, for example).
     scratch: dict[str, object] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        return (
+            f"{self.calling_ae!r} from {self.address}: {self.stored} stored, {self.refused} refused"
+        )
 
 
 @dataclass(frozen=True)
@@ -451,21 +459,22 @@ class Association:
             self._transfer(info)
         except Released:
             if info is not None:
+                log.info("association released: %s", info.summary())
                 self.service.released(info)
             info = None
         except PeerAborted as exc:
-            log.info("association from %s ended: %s", self.address, exc)
+            log.info("association ended (%s): %s", exc, _who(info, self.address))
         except TimeoutError:
             if info is None:  # ARTIM expired in Sta2: close, send nothing (PS3.8 AA-2)
                 log.warning("connection from %s closed: no A-ASSOCIATE-RQ in time", self.address)
             else:
-                log.warning("association from %s aborted: timed out", self.address)
+                log.warning("association aborted (timed out): %s", info.summary())
                 self._abort(REASON_NOT_SPECIFIED)
         except ProtocolError as exc:
-            log.warning("association from %s aborted: %s", self.address, exc)
+            log.warning("association aborted (%s): %s", exc, _who(info, self.address))
             self._abort(exc.reason)
         except (ssl.SSLError, OSError) as exc:
-            log.warning("association from %s failed: %s", self.address, exc)
+            log.warning("association failed (%s): %s", exc, _who(info, self.address))
         finally:
             self._leave()
             if info is not None:
@@ -516,6 +525,14 @@ class Association:
                 self._contexts[cx.context_id] = UID(cx.transfer_syntax[0])
                 self._abstract[cx.context_id] = str(cx.abstract_syntax)
         self._peer_max_pdu = peer_max_pdu(request)
+        accepted = sum(1 for cx in results if cx.result == 0x00)
+        log.info(
+            "association accepted: %r from %s (%d of %d presentation contexts)",
+            calling,
+            self.address,
+            accepted,
+            len(results),
+        )
         return AssociationInfo(calling, called, self.address)
 
     def _rejection(self, request: A_ASSOCIATE, calling: str, called: str) -> Rejection | None:
@@ -654,10 +671,18 @@ class Association:
             sop_instance = _text(values, 0x1000)
             request = StoreRequest(sop_class, sop_instance, self._contexts[context_id], dataset)
             status, comment = self.service.store(info, request)
+            if status == 0x0000:
+                info.stored += 1
+            else:
+                info.refused += 1
             rsp = response_command(
                 C_STORE_RSP, message_id, sop_class, status, sop_instance, comment
             )
         self._send(command_pdus(context_id, rsp, self._peer_max_pdu))
+
+
+def _who(info: AssociationInfo | None, address: str) -> str:
+    return info.summary() if info is not None else f"connection from {address}"
 
 
 class Server:

@@ -6,6 +6,7 @@ peer never would), pynetdicom's requestor and dcmtk's echoscu and storescu.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import socket
 import struct
@@ -641,3 +642,29 @@ def test_echoscu_gets_an_answer(start: Any) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Received Echo Response (Success)" in result.stdout + result.stderr
+
+
+def test_each_association_is_logged_when_accepted_and_with_its_counts_when_released(
+    start: Any, ct_files: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a PACS administrator greps for: who associated, and what became of its C-STOREs."""
+    running = start()
+    ae = AE(ae_title="CTLOGGED")
+    ae.add_requested_context(CT_IMAGE, ExplicitVRLittleEndian)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    with caplog.at_level(logging.INFO, logger="pacs_agent.net.upperlayer"):
+        assoc = ae.associate("127.0.0.1", running.cfg.port, ae_title="PACSAGENT")
+        assert assoc.is_established
+        set_nodelay(assoc)
+        bad = dcmread(ct_files[1])
+        del bad.StudyInstanceUID  # refused 0xA900: StudyInstanceUID is empty
+        statuses = [int(assoc.send_c_store(ct_files[0]).Status)]
+        statuses.append(int(assoc.send_c_store(bad).Status))
+        assoc.release()
+        running.wait_idle()
+    assert statuses == [0, 0xA900]
+    messages = [r.getMessage() for r in caplog.records]
+    assert "association accepted: 'CTLOGGED' from 127.0.0.1 (1 of 1 presentation contexts)" in (
+        messages
+    )
+    assert "association released: 'CTLOGGED' from 127.0.0.1: 1 stored, 1 refused" in messages
