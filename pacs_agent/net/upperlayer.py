@@ -719,14 +719,20 @@ class Server:
                     return
                 time.sleep(0.05)  # EMFILE and the like: do not spin
                 continue
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            association = self._make(conn, str(peer[0]), self._slots)
-            thread = threading.Thread(
-                target=self._run, args=(association,), name=f"assoc-{peer[0]}:{peer[1]}"
-            )
-            with self._lock:
-                self._open[thread] = association
-            thread.start()
+            try:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                association = self._make(conn, str(peer[0]), self._slots)
+                thread = threading.Thread(
+                    target=self._run, args=(association,), name=f"assoc-{peer[0]}:{peer[1]}"
+                )
+                with self._lock:
+                    self._open[thread] = association
+                thread.start()
+            except Exception:  # one bad connection must never stop the listener accepting
+                log.exception("could not start an association for %s", peer[0])
+                with self._lock:
+                    self._open = {t: a for t, a in self._open.items() if t.is_alive()}
+                conn.close()
 
     def _run(self, association: Association) -> None:
         try:
