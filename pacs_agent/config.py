@@ -86,6 +86,9 @@ class ListenerSettings(Section):
     """Maximum PDU size we receive (0 = unlimited)."""
     max_associations: int = Field(16, ge=1)
     """Concurrent associations accepted; more are rejected (transient, try later)."""
+    memory_per_instance_mb: int = Field(64, ge=1)
+    """A data set larger than this is gathered in a temporary file in the spool, not in
+    memory, while it arrives."""
     acse_timeout_s: float = Field(30.0, gt=0)
     """A connection that sends no A-ASSOCIATE-RQ within this time is closed."""
     dimse_timeout_s: float = Field(60.0, gt=0)

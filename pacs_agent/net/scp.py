@@ -407,6 +407,8 @@ def start_listener(settings: ListenerSettings, receiver: Receiver) -> RunningLis
         settings.acse_timeout_s,
         settings.dimse_timeout_s,
         settings.network_timeout_s,
+        spill_dir=receiver.spool.incoming_dir(),
+        spill_bytes=settings.memory_per_instance_mb * 1024 * 1024,
     )
     tls = tls_context(settings)
     service = ListenerService(settings, receiver)

@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import socket
 import ssl
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import BinaryIO, Protocol
 
 from pydicom.uid import UID
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
@@ -66,6 +69,7 @@ C_CANCEL_RQ = 0x0FFF
 NO_DATASET = 0x0101
 # DIMSE statuses of the upper layer itself (PS3.7 C.4, C.5)
 SOP_CLASS_NOT_SUPPORTED = 0x0122
+OUT_OF_RESOURCES = 0xA700
 UNRECOGNIZED_OPERATION = 0x0211
 
 _HEADER = struct.Struct(">BxI")
@@ -103,9 +107,66 @@ class _Buffer:
         self.length = end
 
     def view(self, length: int) -> memoryview:
-        return memoryview(self.data)[
-            :length
-        ]  # a command set is a few hundred bytes; more is not DICOM
+        return memoryview(self.data)[:length]
+
+
+class _DataSetBuffer(_Buffer):
+    """The data set being gathered: in memory up to ``spill_bytes``, beyond that in an
+    anonymous temporary file in ``spill_dir`` (gone when closed, even after a crash), handed
+    out as a memory map. A multi-gigabyte instance then costs page cache, not the
+    listener's memory, however many associations carry one at once."""
+
+    def __init__(self, size: int, spill_dir: Path | None, spill_bytes: int) -> None:
+        super().__init__(size)
+        self.spill_dir = spill_dir
+        self.spill_bytes = spill_bytes
+        self._file: BinaryIO | None = None
+        self._map: mmap.mmap | None = None
+        #: Writing the temporary file failed: the data set is lost, its C-STORE fails.
+        self.error: OSError | None = None
+
+    @property
+    def spilled(self) -> bool:
+        return self._file is not None or self.error is not None
+
+    def append(self, chunk: memoryview) -> None:
+        if not self.spilled and (
+            self.spill_dir is None or self.length + len(chunk) <= self.spill_bytes
+        ):
+            super().append(chunk)
+            return
+        if self.error is None:
+            try:
+                if self._file is None:
+                    assert self.spill_dir is not None
+                    # closed by reset(), at the end of every message and association
+                    self._file = tempfile.TemporaryFile(dir=self.spill_dir)  # noqa: SIM115
+                    self._file.write(memoryview(self.data)[: self.length])
+                self._file.write(chunk)
+            except OSError as exc:  # a full disk: the C-STORE is answered 0xA700
+                self.error = exc
+        self.length += len(chunk)
+
+    def view(self, length: int) -> memoryview:
+        if self._file is None:
+            return super().view(length)
+        self._file.flush()
+        if length == 0:
+            return memoryview(b"")
+        self._map = mmap.mmap(self._file.fileno(), length, access=mmap.ACCESS_READ)
+        return memoryview(self._map)[:length]
+
+    def reset(self, need: int) -> None:
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # a view still held: the GC closes it
+                self._map.close()
+            self._map = None
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        self.error = None
+        super().reset(need)
 
 
 class ProtocolError(Exception):
@@ -186,6 +247,10 @@ class Limits:
     acse_timeout_s: float
     dimse_timeout_s: float
     network_timeout_s: float
+    #: Data sets larger than ``spill_bytes`` are gathered in a temporary file in ``spill_dir``
+    #: (None: always in memory).
+    spill_dir: Path | None = None
+    spill_bytes: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -372,7 +437,8 @@ class Association:
         self.tls = tls
         self._header = bytearray(6)
         self._pdu = _Buffer(_INITIAL_BUFFER)  # the P-DATA-TF being read
-        self._dataset = _Buffer(_INITIAL_BUFFER)  # the data set being gathered
+        # the data set being gathered (in a temporary file when large)
+        self._dataset = _DataSetBuffer(_INITIAL_BUFFER, limits.spill_dir, limits.spill_bytes)
         self._contexts: dict[int, UID] = {}  # accepted context id -> transfer syntax
         self._abstract: dict[int, str] = {}
         self._peer_max_pdu = 0
@@ -477,6 +543,7 @@ class Association:
             log.warning("association failed (%s): %s", exc, _who(info, self.address))
         finally:
             self._leave()
+            self._dataset.reset(0)  # a spilled data set's file goes now
             if info is not None:
                 self.service.aborted(info)
             self._close()
@@ -617,8 +684,15 @@ class Association:
                         raise ProtocolError("data set fragment before its command")
                     dataset.append(fragment)
                     if control & 0x02:
-                        with dataset.view(dataset.length) as whole:
-                            self._dispatch(info, context_id, parse_command(command), whole)
+                        values = parse_command(command)
+                        if dataset.error is not None:
+                            reason = dataset.error.strerror or "I/O error"
+                            log.error("C-STORE 0xA700: spilling the data set failed: %s", reason)
+                            failure = (OUT_OF_RESOURCES, f"storage failed: {reason}")
+                            self._dispatch(info, context_id, values, memoryview(b""), failure)
+                        else:
+                            with dataset.view(dataset.length) as whole:
+                                self._dispatch(info, context_id, values, whole)
                         dataset.reset(0)
                         command = bytearray()
                         command_done, context_id = False, -1
@@ -629,6 +703,7 @@ class Association:
         context_id: int,
         values: dict[int, bytes],
         dataset: memoryview | None,
+        failure: tuple[int, str] | None = None,
     ) -> None:
         command_field = _us(values, 0x0100)
         if command_field == C_CANCEL_RQ:
@@ -670,7 +745,7 @@ class Association:
             assert dataset is not None
             sop_instance = _text(values, 0x1000)
             request = StoreRequest(sop_class, sop_instance, self._contexts[context_id], dataset)
-            status, comment = self.service.store(info, request)
+            status, comment = failure if failure else self.service.store(info, request)
             if status == 0x0000:
                 info.stored += 1
             else:

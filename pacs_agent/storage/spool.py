@@ -128,6 +128,13 @@ class Spool:
             / check_uid("SeriesInstanceUID", series_uid)
         )
 
+    def incoming_dir(self) -> Path:
+        """``.incoming/``: temp files of instances being written (made when missing)."""
+        incoming = self.root / _INCOMING
+        if not incoming.is_dir():
+            _make_dirs(incoming)
+        return incoming
+
     def clear_incoming(self) -> int:
         """Remove what a stopped listener left half-written in ``.incoming`` (never indexed,
         never answered); the number of files removed."""
@@ -153,8 +160,5 @@ class Spool:
         """Write ``relative`` durably; its temp file lives in ``.incoming/`` (so what a
         stopped listener left half-written is in one place: ``clear_incoming``)."""
         target = self.root / relative
-        incoming = self.root / _INCOMING
-        if not incoming.is_dir():
-            _make_dirs(incoming)
-        write_durable(target, data, sync_dir=sync_dir, temp_dir=incoming)
+        write_durable(target, data, sync_dir=sync_dir, temp_dir=self.incoming_dir())
         return target

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from pacs_agent.db.models import Instance, InstanceCopy, Series, Study
 from pacs_agent.db.session import make_engine, make_session_factory
 from pacs_agent.demo.synthetic import make_ct_study, write_study
 from pacs_agent.dicom.structure import file_meta_end
+from pacs_agent.net import upperlayer
 from pacs_agent.net.scp import Receiver, start_listener
 from pacs_agent.net.scu import set_nodelay
 from pacs_agent.storage.spool import Spool
@@ -320,3 +322,55 @@ def test_several_senders_at_once_on_one_study_lose_nothing(
     with lst.session_factory() as s:
         callers = set(s.scalars(select(Instance.calling_ae_title)))
     assert callers == {"SENDER0", "SENDER1", "SENDER2", "STORESCU"}
+
+
+def _spilling_listener(spool_root: Path, db_root: Path) -> tuple[Any, Spool, Any]:
+    """A listener that gathers data sets over 1 MiB in a temporary file, not in memory."""
+    url = f"sqlite:///{db_root / 'spill.db'}"
+    upgrade(url)
+    factory = make_session_factory(make_engine(url))
+    spool = Spool(spool_root)
+    settings = ListenerSettings(port=free_port(), memory_per_instance_mb=1)
+    return start_listener(settings, Receiver(spool, factory)), spool, factory
+
+
+def test_instance_larger_than_memory_per_instance_is_spilled_and_stored_byte_for_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spilled: list[bool] = []
+    original = upperlayer._DataSetBuffer.view
+
+    def watch(self: Any, length: int) -> memoryview:
+        spilled.append(self.spilled)
+        return original(self, length)
+
+    monkeypatch.setattr(upperlayer._DataSetBuffer, "view", watch)
+    server, spool, _factory = _spilling_listener(tmp_path / "spool", tmp_path)
+    try:
+        big, small = _study(1, seed=31, size=1024)[0], _study(1, seed=32, size=128)[0]
+        assert send(server.server.port, [big, small]) == [0, 0]
+    finally:
+        server.shutdown()
+    assert spilled == [True, False]  # 2 MiB of pixels went to a file, 32 KiB stayed in memory
+    for ds in (big, small):
+        stored = spool.path(spool.relative_path(
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID))  # fmt: skip
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        assert dataset_bytes(stored.read_bytes()) == dataset_bytes(buffer.getvalue())
+    assert not list((tmp_path / "spool" / ".incoming").iterdir())
+
+
+def test_spilling_onto_a_full_disk_answers_a700_and_the_association_goes_on(
+    tmp_path: Path, tiny_spool: Path
+) -> None:
+    server, _spool, factory = _spilling_listener(tiny_spool, tmp_path)
+    try:
+        big, small = _study(1, seed=33, size=1024)[0], _study(1, seed=34, size=128)[0]
+        assert send(server.server.port, [big, small]) == [0xA700, 0]
+    finally:
+        server.shutdown()
+    with factory() as s:
+        assert [r.sop_instance_uid for r in s.scalars(select(Instance))] == [
+            str(small.SOPInstanceUID)
+        ]
