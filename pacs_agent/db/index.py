@@ -6,6 +6,7 @@ import contextlib
 import queue
 import threading
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -235,6 +236,16 @@ class _Request:
     future: Future[IndexOutcome] = field(default_factory=Future)
 
 
+class IndexTimeout(TimeoutError):
+    """The index writer did not commit a row in time. ``cancelled``: the row was withdrawn
+    and will never be written; otherwise it may still commit."""
+
+    def __init__(self, timeout_s: float, *, cancelled: bool) -> None:
+        state = "withdrawn" if cancelled else "may still commit"
+        super().__init__(f"index row not committed within {timeout_s:g} s ({state})")
+        self.cancelled = cancelled
+
+
 class IndexWriter:
     """Group commit: one thread writes the index rows of all waiting C-STOREs in one
     transaction, so concurrent associations share a commit.
@@ -279,7 +290,12 @@ class IndexWriter:
         self._queue.put(request)
         # A database that hangs (a lock never released) must still end in 0xA700, not a
         # C-STORE that never gets its answer.
-        return request.future.result(timeout=self.timeout_s)
+        try:
+            return request.future.result(timeout=self.timeout_s)
+        except FutureTimeout as exc:
+            # Withdraw the row if the writer has not taken it yet; otherwise it may still
+            # commit, and the caller must not treat the instance as unindexed.
+            raise IndexTimeout(self.timeout_s, cancelled=request.future.cancel()) from exc
 
     def close(self) -> None:
         self._queue.put(None)
@@ -302,7 +318,10 @@ class IndexWriter:
                     stop = True
                     break
                 batch.append(nxt)
-            self._write(batch)
+            # Rows withdrawn by a timed-out C-STORE are dropped; the rest can no longer be.
+            batch = [r for r in batch if r.future.set_running_or_notify_cancel()]
+            if batch:
+                self._write(batch)
             if stop:
                 return
 

@@ -43,6 +43,7 @@ from pacs_agent.db.index import (
     Arrival,
     DigestLookup,
     DuplicatePolicy,
+    IndexTimeout,
     IndexWriter,
     StoredFile,
     decide_arrival,
@@ -68,7 +69,7 @@ from pacs_agent.net.upperlayer import (
     Server,
     StoreRequest,
 )
-from pacs_agent.storage.spool import InvalidUID, Spool, fsync_dir
+from pacs_agent.storage.spool import InvalidUID, Spool, check_uid, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -272,6 +273,12 @@ def store_instance(
     receiver: Receiver, assoc: AssociationInfo, request: StoreRequest
 ) -> tuple[int, str | None]:
     """C-STORE: write the bytes durably, index them, then answer success."""
+    try:
+        check_uid("Affected SOP Class UID", request.sop_class_uid)
+        check_uid("Affected SOP Instance UID", request.sop_instance_uid)
+    except InvalidUID as exc:
+        log.warning("C-STORE refused 0xA900: %s", exc)
+        return DATASET_DOES_NOT_MATCH_SOP_CLASS, str(exc)
     prefix = part10_prefix(
         request.sop_class_uid,
         request.sop_instance_uid,
@@ -338,7 +345,10 @@ def store_instance(
             type(exc).__name__,
             exc,
         )
-        if arrival is not Arrival.REPLACE:  # an unindexed new file must not join its series
+        # An unindexed new file must not join its series, but a file that a committed row
+        # names (the same instance stored by another association meanwhile, or this row
+        # committed after all) must stay: discard only what surely has no row.
+        if arrival is not Arrival.REPLACE and _surely_unindexed(receiver, assoc, header, exc):
             receiver.spool.discard(relative)
         return OUT_OF_RESOURCES, f"index failed: {type(exc).__name__}"
     _studies(assoc).add(header.study_instance_uid)
@@ -350,6 +360,18 @@ def store_instance(
             header.sop_instance_uid,
         )
     return SUCCESS, None
+
+
+def _surely_unindexed(
+    receiver: Receiver, assoc: AssociationInfo, header: InstanceHeader, exc: Exception
+) -> bool:
+    """After a failed index write: is it certain that no row names this instance's file?"""
+    if isinstance(exc, IndexTimeout) and not exc.cancelled:
+        return False  # the writer has the row in hand; it may still commit
+    try:
+        return _lookup(receiver, assoc).digest(header.sop_instance_uid) is None
+    except Exception:
+        return False  # cannot tell: an unindexed file is harmless, a lost one is not
 
 
 def build_ae(settings: ListenerSettings) -> AE:

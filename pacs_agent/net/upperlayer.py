@@ -79,6 +79,9 @@ _MAX_COMMAND = 64 * 1024
 # max_pdu = 0 ("no limit") still refuses a PDU that would need an absurd buffer.
 _UNLIMITED_PDU = 256 * 1024 * 1024
 _INITIAL_BUFFER = 1024 * 1024
+_FIRST_PDU_BUFFER = 64 * 1024
+# Connections beyond max_associations that may wait for their A-ASSOCIATE-RQ (or be rejected).
+_EXTRA_CONNECTIONS = 16
 # A buffer grown past this for one large instance is given back after it.
 _KEEP_BUFFER = 64 * 1024 * 1024
 
@@ -108,6 +111,13 @@ class _Buffer:
 
     def view(self, length: int) -> memoryview:
         return memoryview(self.data)[:length]
+
+
+def _write_all(file: BinaryIO, data: memoryview) -> None:
+    """An unbuffered file's write may be short: write until all of ``data`` is out."""
+    while data:
+        written = file.write(data)
+        data = data[written:]
 
 
 class _DataSetBuffer(_Buffer):
@@ -140,9 +150,11 @@ class _DataSetBuffer(_Buffer):
                 if self._file is None:
                     assert self.spill_dir is not None
                     # closed by reset(), at the end of every message and association
-                    self._file = tempfile.TemporaryFile(dir=self.spill_dir)  # noqa: SIM115
-                    self._file.write(memoryview(self.data)[: self.length])
-                self._file.write(chunk)
+                    self._file = tempfile.TemporaryFile(  # noqa: SIM115
+                        dir=self.spill_dir, buffering=0
+                    )
+                    _write_all(self._file, memoryview(self.data)[: self.length])
+                _write_all(self._file, chunk)
             except OSError as exc:  # a full disk: the C-STORE is answered 0xA700
                 self.error = exc
         self.length += len(chunk)
@@ -279,7 +291,7 @@ def release_rp_pdu() -> bytes:
 
 
 def _uid_value(uid: str) -> bytes:
-    raw = uid.encode("ascii")
+    raw = uid.encode("ascii", "replace")
     return raw + b"\x00" if len(raw) % 2 else raw
 
 
@@ -436,9 +448,11 @@ class Association:
         self._holds_slot = False
         self.tls = tls
         self._header = bytearray(6)
-        self._pdu = _Buffer(_INITIAL_BUFFER)  # the P-DATA-TF being read
+        # Small until the association is accepted: a connection that never associates
+        # costs little. Both grow to what the messages need and are kept for the association.
+        self._pdu = _Buffer(_FIRST_PDU_BUFFER)  # the PDU being read
         # the data set being gathered (in a temporary file when large)
-        self._dataset = _DataSetBuffer(_INITIAL_BUFFER, limits.spill_dir, limits.spill_bytes)
+        self._dataset = _DataSetBuffer(0, limits.spill_dir, limits.spill_bytes)
         self._contexts: dict[int, UID] = {}  # accepted context id -> transfer syntax
         self._abstract: dict[int, str] = {}
         self._peer_max_pdu = 0
@@ -463,7 +477,10 @@ class Association:
         self._timeout_now = timeout
 
     def _recv_into(self, view: memoryview, timeout: float) -> None:
+        """Fill ``view`` within ``timeout`` seconds in all: a peer that trickles a byte at a
+        time still times out."""
         self._set_timeout(timeout)
+        deadline = time.monotonic() + timeout
         got, need = 0, len(view)
         while got < need:
             try:
@@ -473,6 +490,11 @@ class Association:
             if n == 0:
                 raise PeerAborted("connection closed by the peer")
             got += n
+            if got < need:  # a short read: only what is left of the deadline remains
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("timed out")
+                self._set_timeout(left)
 
     def _read_pdu(self, timeout: float) -> tuple[int, memoryview]:
         """The next PDU's type and body. The body is a view of a buffer that the next read
@@ -483,7 +505,10 @@ class Association:
             raise ProtocolError(f"unknown PDU type {pdu_type:#04x}", REASON_UNRECOGNIZED_PDU)
         limit = self.limits.max_pdu or _UNLIMITED_PDU
         if pdu_type == P_DATA_TF_PDU and length > limit + 6:
-            raise ProtocolError(f"P-DATA-TF of {length} bytes exceeds the maximum PDU {limit}")
+            raise ProtocolError(
+                f"P-DATA-TF of {length} bytes exceeds the maximum PDU {limit}",
+                REASON_INVALID_PARAMETER,
+            )
         if pdu_type != P_DATA_TF_PDU and length > 1 << 20:
             raise ProtocolError(f"PDU type {pdu_type:#04x} of {length} bytes")
         self._pdu.reset(length)
@@ -532,7 +557,7 @@ class Association:
             log.info("association ended (%s): %s", exc, _who(info, self.address))
         except TimeoutError:
             if info is None:  # ARTIM expired in Sta2: close, send nothing (PS3.8 AA-2)
-                log.warning("connection from %s closed: no A-ASSOCIATE-RQ in time", self.address)
+                log.warning("connection from %s closed: not associated in time", self.address)
             else:
                 log.warning("association aborted (timed out): %s", info.summary())
                 self._abort(REASON_NOT_SPECIFIED)
@@ -541,6 +566,9 @@ class Association:
             self._abort(exc.reason)
         except (ssl.SSLError, OSError) as exc:
             log.warning("association failed (%s): %s", exc, _who(info, self.address))
+        except Exception:  # a defect of ours: abort this association, keep the listener
+            log.exception("association aborted by an error: %s", _who(info, self.address))
+            self._abort(REASON_NOT_SPECIFIED)
         finally:
             self._leave()
             self._dataset.reset(0)  # a spilled data set's file goes now
@@ -568,7 +596,9 @@ class Association:
             pdu.decode(bytes(self._header) + bytes(body))
             request = pdu.to_primitive()
         except Exception as exc:
-            raise ProtocolError(f"undecodable A-ASSOCIATE-RQ ({type(exc).__name__})") from exc
+            raise ProtocolError(
+                f"undecodable A-ASSOCIATE-RQ ({type(exc).__name__})", REASON_INVALID_PARAMETER
+            ) from exc
         calling = str(request.calling_ae_title).strip()
         called = str(request.called_ae_title).strip()
         rejection = self._rejection(request, calling, called)
@@ -585,7 +615,13 @@ class Association:
             self._send(reject_pdu(rejection.result, rejection.source, rejection.reason))
             self._linger()
             return None
-        results, roles = negotiate(request, self.supported)
+        try:
+            results, roles = negotiate(request, self.supported)
+        except Exception as exc:  # e.g. a presentation context without a transfer syntax
+            raise ProtocolError(
+                f"presentation contexts cannot be negotiated ({type(exc).__name__})",
+                REASON_INVALID_PARAMETER,
+            ) from exc
         self._send(accept_pdu(request, results, roles, self.identity, self.limits.max_pdu))
         for cx in results:
             if cx.result == 0x00 and cx.context_id is not None:
@@ -622,11 +658,14 @@ class Association:
             self.slots.release()
 
     def _linger(self) -> None:
-        """After A-ASSOCIATE-RJ: let the peer close first (PS3.8 Sta13), briefly."""
+        """After A-ASSOCIATE-RJ or A-RELEASE-RP: let the peer close first (PS3.8 Sta13),
+        for 2 seconds at most in all."""
+        deadline = time.monotonic() + min(self.limits.acse_timeout_s, 2.0)
         try:
-            self.sock.settimeout(min(self.limits.acse_timeout_s, 2.0))
-            while self.sock.recv(4096):
-                pass
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                if not self.sock.recv(4096):
+                    return
         except OSError:
             pass
 
@@ -657,10 +696,12 @@ class Association:
             pos, end = 0, len(body)
             while pos < end:
                 if pos + 6 > end:
-                    raise ProtocolError("PDV item header truncated")
+                    raise ProtocolError("PDV item header truncated", REASON_INVALID_PARAMETER)
                 item_length, pcid, control = _PDV.unpack_from(body, pos)
                 if item_length < 2 or pos + 4 + item_length > end:
-                    raise ProtocolError("PDV item length does not fit its PDU")
+                    raise ProtocolError(
+                        "PDV item length does not fit its PDU", REASON_INVALID_PARAMETER
+                    )
                 if pcid not in self._contexts:
                     raise ProtocolError(f"presentation context {pcid} was not accepted")
                 fragment = view[pos + 6 : pos + 4 + item_length]
@@ -685,13 +726,20 @@ class Association:
                     dataset.append(fragment)
                     if control & 0x02:
                         values = parse_command(command)
-                        if dataset.error is not None:
+                        whole = None
+                        if dataset.error is None:
+                            try:
+                                whole = dataset.view(dataset.length)
+                            except OSError as exc:  # flushing or mapping the spilled file
+                                dataset.error = exc
+                        if whole is None:
+                            assert dataset.error is not None
                             reason = dataset.error.strerror or "I/O error"
                             log.error("C-STORE 0xA700: spilling the data set failed: %s", reason)
                             failure = (OUT_OF_RESOURCES, f"storage failed: {reason}")
                             self._dispatch(info, context_id, values, memoryview(b""), failure)
                         else:
-                            with dataset.view(dataset.length) as whole:
+                            with whole:
                                 self._dispatch(info, context_id, values, whole)
                         dataset.reset(0)
                         command = bytearray()
@@ -711,7 +759,8 @@ class Association:
         message_id = _us(values, 0x0110)
         if message_id is None:
             raise ProtocolError("command without a Message ID")
-        sop_class = _text(values, 0x0002)
+        # Affected SOP Class UID; N-requests carry the Requested SOP Class UID instead.
+        sop_class = _text(values, 0x0002) or _text(values, 0x0003)
         context_class = self._abstract[context_id]
         if command_field is None or command_field & 0x8000:
             raise ProtocolError(f"not a request: command field {command_field!r}")
@@ -773,6 +822,10 @@ class Server:
         self._listener = socket.create_server((host, port), backlog=64)
         self._make = make
         self._slots = threading.Semaphore(max_associations)
+        # Connections at once, associated or not: each costs a thread. Beyond this a new
+        # connection is closed at once (before it can send an A-ASSOCIATE-RQ).
+        self._max_connections = max_associations + _EXTRA_CONNECTIONS
+        self._refused_logged = 0.0
         self._lock = threading.Lock()
         self._open: dict[threading.Thread, Association] = {}
         self._stopping = threading.Event()
@@ -793,6 +846,18 @@ class Server:
                 if self._stopping.is_set():
                     return
                 time.sleep(0.05)  # EMFILE and the like: do not spin
+                continue
+            with self._lock:
+                full = len(self._open) >= self._max_connections
+            if full:
+                conn.close()
+                if time.monotonic() - self._refused_logged > 10:
+                    self._refused_logged = time.monotonic()
+                    log.warning(
+                        "connection from %s closed: %d connections open already",
+                        peer[0],
+                        self._max_connections,
+                    )
                 continue
             try:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -75,12 +75,14 @@ def write_durable(
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            total = sum(len(memoryview(p)) for p in parts)
-            written = os.writev(fd, parts)
-            if written != total:  # a short write: finish it piece by piece
-                view = memoryview(b"".join(parts))[written:]
-                while view:
-                    view = view[os.write(fd, view) :]
+            views = [memoryview(p) for p in parts]
+            while views:  # writev may write less (Linux: at most 2 GiB a call): go on from there
+                written = os.writev(fd, views)
+                while views and written >= len(views[0]):
+                    written -= len(views[0])
+                    views.pop(0)
+                if views and written:
+                    views[0] = views[0][written:]
             os.fsync(fd)
         finally:
             os.close(fd)

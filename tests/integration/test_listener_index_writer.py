@@ -4,6 +4,7 @@ own outcome, and one row that cannot be written fails alone."""
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
-from pacs_agent.db.index import IndexOutcome, IndexWriter, StoredFile
+from pacs_agent.db.index import IndexOutcome, IndexTimeout, IndexWriter, StoredFile
 from pacs_agent.db.migrate import upgrade
 from pacs_agent.db.models import Instance
 from pacs_agent.db.session import make_engine, make_session_factory
@@ -70,3 +71,45 @@ def test_concurrent_instances_are_indexed_and_a_bad_one_fails_alone(tmp_path: Pa
     assert len(results) == 23
     with session_factory() as s:
         assert s.scalar(select(func.count(Instance.id))) == 23
+
+
+def test_a_timed_out_row_still_queued_is_withdrawn_and_never_written(tmp_path: Path) -> None:
+    """A C-STORE that gave up (0xA700) must not find its row committed later: the listener
+    may have removed the file by then. A row the writer already took may still commit, and
+    says so."""
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    session_factory = make_session_factory(engine)
+    writer = IndexWriter(session_factory, timeout_s=0.5)
+    study, series = generate_uid(), generate_uid()
+    first, second = _header(study, series), _header(study, series)
+    outcomes: dict[str, object] = {}
+
+    def send(name: str, header: InstanceHeader) -> None:
+        stored = StoredFile(f"{name}.dcm", 1, "0" * 64, "1.2.840.10008.1.2.1", "A")
+        try:
+            outcomes[name] = writer.index(header, stored, NOW)
+        except Exception as exc:
+            outcomes[name] = exc
+
+    blocker = engine.connect()
+    blocker.begin()  # BEGIN IMMEDIATE: the write lock, held
+    try:
+        taken = threading.Thread(target=send, args=("first", first))
+        taken.start()
+        deadline = time.monotonic() + 5
+        while writer._queue.qsize() and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the writer has taken the first row (and waits for the lock)
+        send("second", second)  # queued behind it, times out, is withdrawn
+        taken.join(5)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert isinstance(outcomes["first"], IndexTimeout) and not outcomes["first"].cancelled
+    assert isinstance(outcomes["second"], IndexTimeout) and outcomes["second"].cancelled
+    writer.close()
+    with session_factory() as s:
+        indexed = set(s.scalars(select(Instance.sop_instance_uid)))
+    assert str(second.sop_instance_uid) not in indexed
+    assert str(first.sop_instance_uid) in indexed  # taken before the timeout: committed later

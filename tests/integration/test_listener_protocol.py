@@ -283,7 +283,7 @@ def test_undecodable_association_request_is_answered_with_an_abort(
     running = start()
     peer = raw_peers(running.cfg.port)
     peer.send(b"\x01\x00\x00\x00\x00\x10" + b"\xff" * 16)
-    peer.expect_provider_abort()
+    peer.expect_provider_abort(reason=0x06)  # invalid PDU parameter value
     assert _echo(running.cfg.port) == 0
 
 
@@ -668,3 +668,63 @@ def test_each_association_is_logged_when_accepted_and_with_its_counts_when_relea
         messages
     )
     assert "association released: 'CTLOGGED' from 127.0.0.1: 1 stored, 1 refused" in messages
+
+
+def test_a_peer_that_trickles_its_request_is_closed_at_the_acse_timeout(
+    start: Any, raw_peers: Any
+) -> None:
+    """One byte at a time, each within the timeout, must not keep a connection forever."""
+    running = start(acse_timeout_s=0.6)
+    peer = raw_peers(running.cfg.port)
+    request = associate_rq([(1, Verification, ImplicitVRLittleEndian)])
+    started = time.monotonic()
+    closed = False
+    for byte in request:
+        try:
+            peer.send(bytes([byte]))
+        except OSError:
+            closed = True
+            break
+        time.sleep(0.25)
+        if time.monotonic() - started > 5:
+            break
+    if not closed:
+        peer.sock.settimeout(5)
+        closed = peer.at_eof()
+    assert closed and time.monotonic() - started < 5
+
+
+def test_connections_beyond_the_limit_are_closed_at_once(start: Any) -> None:
+    running = start(max_associations=1, acse_timeout_s=30)
+    idle = [
+        socket.create_connection(("127.0.0.1", running.cfg.port), timeout=10)
+        for _ in range(1 + upperlayer._EXTRA_CONNECTIONS)
+    ]
+    try:
+        time.sleep(0.3)  # all accepted and waiting for their A-ASSOCIATE-RQ
+        with socket.create_connection(("127.0.0.1", running.cfg.port), timeout=10) as extra:
+            started = time.monotonic()
+            assert extra.recv(16) == b""
+            assert time.monotonic() - started < 5
+    finally:
+        for conn in idle:
+            conn.close()
+    running.wait_idle()
+    assert _echo(running.cfg.port) == 0  # once they are gone, callers get in again
+
+
+def test_store_with_a_non_ascii_sop_instance_uid_in_its_command_is_refused_a900(
+    start: Any, raw_peers: Any, ct_files: list[Path]
+) -> None:
+    running = start()
+    peer = raw_peers(running.cfg.port)
+    assert peer.associate([(1, CT_IMAGE, ExplicitVRLittleEndian)]) == {1}
+    uid = CT_IMAGE.encode()
+    command = _command([(0x0002, uid), (0x0100, _us(0x0001)), (0x0110, _us(5)),
+                        (0x0700, _us(0)), (0x0800, _us(0x0000)),
+                        (0x1000, b"1.2.3.\xe9\xe9")])  # fmt: skip
+    data = dataset_bytes(ct_files[0].read_bytes())
+    peer.send(command_pdu(1, command, 0x03) + command_pdu(1, data, 0x02))
+    rsp, _ = peer.read_response()
+    assert (rsp.MessageIDBeingRespondedTo, rsp.Status) == (5, 0xA900)
+    assert running.count(Instance) == 0
