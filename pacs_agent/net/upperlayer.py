@@ -157,6 +157,12 @@ class _DataSetBuffer(_Buffer):
                 _write_all(self._file, chunk)
             except OSError as exc:  # a full disk: the C-STORE is answered 0xA700
                 self.error = exc
+                # Give the space back now, not when the message ends (a peer may send on
+                # for long, and other associations need the disk meanwhile).
+                if self._file is not None:
+                    with contextlib.suppress(OSError):
+                        self._file.close()
+                    self._file = None
         self.length += len(chunk)
 
     def view(self, length: int) -> memoryview:

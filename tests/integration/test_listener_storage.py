@@ -6,6 +6,7 @@ Compressed transfer syntaxes byte for byte, duplicates policies, late instances,
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import threading
@@ -374,3 +375,17 @@ def test_spilling_onto_a_full_disk_answers_a700_and_the_association_goes_on(
         assert [r.sop_instance_uid for r in s.scalars(select(Instance))] == [
             str(small.SOPInstanceUID)
         ]
+
+
+def test_a_spill_that_fills_the_disk_gives_the_space_back_at_once(tiny_spool: Path) -> None:
+    """A peer may go on sending for long after the disk filled; other associations need the
+    space meanwhile."""
+    buffer = upperlayer._DataSetBuffer(0, tiny_spool, spill_bytes=1)
+    free_before = os.statvfs(tiny_spool).f_bfree
+    chunk = memoryview(bytes(64 * 1024))
+    for _ in range(40):  # 2.5 MiB into 1 MiB
+        buffer.append(chunk)
+    assert buffer.error is not None and buffer.length == 40 * 64 * 1024
+    assert os.statvfs(tiny_spool).f_bfree >= free_before - 1  # nothing held while it goes on
+    buffer.reset(0)
+    assert buffer.error is None and not buffer.spilled
