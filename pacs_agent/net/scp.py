@@ -21,6 +21,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
@@ -291,14 +292,20 @@ def store_instance(
         return decoded
     header = decoded
     data = (prefix, request.dataset)
-    sha = hashlib.sha256(prefix)
-    sha.update(request.dataset)
-    digest = sha.hexdigest()
     try:
         indexed = _lookup(receiver, assoc).digest(header.sop_instance_uid)
     except Exception as exc:
         log.error("C-STORE 0xA700: index unavailable: %s", type(exc).__name__)
         return OUT_OF_RESOURCES, f"index failed: {type(exc).__name__}"
+    if indexed is None:
+        # A new instance (the usual case): its checksum is computed on another thread while
+        # this one writes and flushes the file (hashlib lets go of the GIL).
+        hashing = _HASHER.submit(_sha256, prefix, request.dataset)
+        try:
+            return _put(receiver, assoc, request, header, data, Arrival.NEW, hashing.result)
+        finally:
+            hashing.result()  # the data set's buffer must not be reused while it is read
+    digest = _sha256(prefix, request.dataset)
     arrival = decide_arrival(indexed, digest, receiver.duplicates)
     if arrival in (Arrival.SAME, Arrival.KEEP_FIRST):
         if arrival is Arrival.KEEP_FIRST:
@@ -308,10 +315,32 @@ def store_instance(
             )
         _studies(assoc).add(header.study_instance_uid)
         return SUCCESS, None
+    return _put(receiver, assoc, request, header, data, arrival, lambda: digest)
 
+
+def _sha256(prefix: bytes, dataset: memoryview) -> str:
+    sha = hashlib.sha256(prefix)
+    sha.update(dataset)
+    return sha.hexdigest()
+
+
+#: Checksums of new instances, computed beside the file write (see store_instance).
+_HASHER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sha256")
+
+
+def _put(
+    receiver: Receiver,
+    assoc: AssociationInfo,
+    request: StoreRequest,
+    header: InstanceHeader,
+    data: tuple[bytes, memoryview],
+    arrival: Arrival,
+    digest_of: Callable[[], str],
+) -> tuple[int, str | None]:
+    """Write the instance durably where ``arrival`` says, then index it."""
     uids = (header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid)
     if arrival is Arrival.KEEP_BOTH:
-        relative = receiver.spool.copy_path(*uids, digest)
+        relative = receiver.spool.copy_path(*uids, digest_of())
     else:
         relative = receiver.spool.relative_path(*uids)
     try:
@@ -328,8 +357,8 @@ def store_instance(
 
     stored = StoredFile(
         relative_path=str(relative),
-        size_bytes=len(prefix) + len(request.dataset),
-        sha256=digest,
+        size_bytes=len(data[0]) + len(request.dataset),
+        sha256=digest_of(),
         transfer_syntax_uid=str(request.transfer_syntax),
         calling_ae_title=assoc.calling_ae or None,
     )
