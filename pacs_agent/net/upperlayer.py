@@ -554,10 +554,7 @@ class Association:
             if info is None:
                 return
             self._transfer(info)
-        except Released:
-            if info is not None:
-                log.info("association released: %s", info.summary())
-                self.service.released(info)
+        except Released:  # already recorded by _transfer, before the A-RELEASE-RP
             info = None
         except PeerAborted as exc:
             log.info("association ended (%s): %s", exc, _who(info, self.address))
@@ -690,6 +687,10 @@ class Association:
             if pdu_type == A_RELEASE_RQ_PDU:
                 if context_id != -1:
                     raise ProtocolError("A-RELEASE-RQ in the middle of a message")
+                # Recorded before the A-RELEASE-RP goes out: once the peer sees its release
+                # complete, the release is in the index (the completeness timer runs from it).
+                log.info("association released: %s", info.summary())
+                self.service.released(info)
                 self._send(release_rp_pdu())
                 self._leave()
                 self._linger()
