@@ -69,17 +69,9 @@ class StoredFile:
     calling_ae_title: str | None
 
 
-def find_instance_digest(session_factory: sessionmaker[Session], sop_uid: str) -> str | None:
-    """The digest of the indexed instance ``sop_uid``, or None."""
-    lookup = DigestLookup(session_factory)
-    try:
-        return lookup.digest(sop_uid)
-    finally:
-        lookup.close()
-
-
 class DigestLookup:
-    """``find_instance_digest`` on one connection kept for an association's C-STOREs.
+    """The digest of the indexed instance with a SOP Instance UID (or None), read on one
+    connection kept for an association's C-STOREs.
 
     Each read ends its transaction at once (no snapshot held between C-STOREs; on SQLite no
     write lock taken); the connection is dropped after any error, so the next C-STORE

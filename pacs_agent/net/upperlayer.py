@@ -475,9 +475,7 @@ class Association:
         if timeout == self._timeout_now:
             return
         if self._kernel_timeouts:
-            seconds = int(timeout)
-            value = struct.pack("ll", seconds, int((timeout - seconds) * 1_000_000))
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
         else:
             self.sock.settimeout(timeout)
         self._timeout_now = timeout
@@ -526,9 +524,7 @@ class Association:
         if not self._kernel_timeouts:
             self._set_timeout(self.limits.network_timeout_s)
         elif not self._send_timeout_set:  # once: sends always wait up to network_timeout_s
-            timeout = self.limits.network_timeout_s
-            seconds = int(timeout)
-            value = struct.pack("ll", seconds, int((timeout - seconds) * 1_000_000))
+            value = _timeval(self.limits.network_timeout_s)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
             self._send_timeout_set = True
         try:
@@ -810,6 +806,12 @@ class Association:
                 C_STORE_RSP, message_id, sop_class, status, sop_instance, comment
             )
         self._send(command_pdus(context_id, rsp, self._peer_max_pdu))
+
+
+def _timeval(seconds: float) -> bytes:
+    """A ``struct timeval`` for SO_RCVTIMEO / SO_SNDTIMEO."""
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
 
 
 def _who(info: AssociationInfo | None, address: str) -> str:
