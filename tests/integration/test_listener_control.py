@@ -60,6 +60,14 @@ def _associate(
     return ae.associate("127.0.0.1", cfg.port, ae_title=called, bind_address=(source, 0))
 
 
+def _aborted_within(assoc: Association, seconds: float) -> bool:
+    """Wait until the listener ends ``assoc``; True when it was aborted in time."""
+    deadline = time.monotonic() + seconds
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return bool(assoc.is_aborted) and time.monotonic() < deadline
+
+
 def _reject_reason(assoc: Association) -> tuple[int, int, int]:
     rj = assoc.acceptor.primitive
     assert rj is not None
@@ -154,10 +162,7 @@ def test_idle_association_is_aborted_after_the_network_timeout(tmp_path: Path) -
     try:
         assoc = _associate(cfg, "A")
         assert assoc.is_established
-        deadline = time.monotonic() + 10
-        while assoc.is_established and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert assoc.is_aborted
+        assert _aborted_within(assoc, 10)
     finally:
         server.shutdown()  # type: ignore[attr-defined]
 
@@ -218,11 +223,7 @@ def test_message_that_stalls_midway_is_aborted_after_the_dimse_timeout(tmp_path:
         fragment = b"\x00\x00\x00\x00\x04\x00\x00\x00\x00\x00\x00\x00"
         pdv = struct.pack(">IBB", len(fragment) + 2, context_id, 0x01) + fragment
         assoc.dul.socket.send(struct.pack(">BxI", 0x04, len(pdv)) + pdv)
-        deadline = time.monotonic() + 10
-        while assoc.is_established and time.monotonic() < deadline:
-            time.sleep(0.05)
-        # aborted well before network_timeout_s
-        assert assoc.is_aborted and time.monotonic() < deadline
+        assert _aborted_within(assoc, 10)  # well before network_timeout_s
     finally:
         server.shutdown()  # type: ignore[attr-defined]
 
@@ -233,9 +234,6 @@ def test_data_transfer_pdu_larger_than_max_pdu_aborts_the_association(tmp_path: 
         assoc = _associate(cfg, "A")
         assert assoc.is_established and assoc.dul.socket is not None
         assoc.dul.socket.send(struct.pack(">BxI", 0x04, 1 << 20) + b"\x00" * 64)
-        deadline = time.monotonic() + 10
-        while assoc.is_established and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert assoc.is_aborted
+        assert _aborted_within(assoc, 10)
     finally:
         server.shutdown()  # type: ignore[attr-defined]

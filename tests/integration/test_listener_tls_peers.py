@@ -13,6 +13,7 @@ import ssl
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -26,7 +27,7 @@ from pacs_agent.db.models import Instance
 from pacs_agent.db.session import make_engine, make_session_factory
 from pacs_agent.demo.synthetic import make_ct_study, write_study
 from pacs_agent.dicom.structure import file_meta_end
-from pacs_agent.net.scp import Receiver, start_listener
+from pacs_agent.net.scp import Receiver, RunningListener, start_listener
 from pacs_agent.storage.spool import Spool
 from tests.helpers.servers import free_port
 from tests.integration.test_listener_tls import MakeListener, Pki, make_tls_listener, pki
@@ -107,14 +108,19 @@ def test_plain_tcp_echoscu_is_refused_by_a_tls_listener(make_tls_listener: MakeL
     assert result.returncode != 0, result.stdout + result.stderr
 
 
-def test_shutdown_ends_an_open_tls_association_at_once(pki: Pki, tmp_path: Path) -> None:
+def _bare_tls_listener(pki: Pki, tmp_path: Path) -> tuple[Any, ListenerSettings, RunningListener]:
+    """A TLS listener the test shuts down itself: its server CA, settings and listener."""
     server_ca = pki.ca("server-ca")
     cert, key = pki.leaf("listener", server_ca, server=True)
     url = f"sqlite:///{tmp_path / 'index.db'}"
     upgrade(url)
     settings = ListenerSettings(port=free_port(), tls_certificate=cert, tls_private_key=key)
     receiver = Receiver(Spool(tmp_path / "spool"), make_session_factory(make_engine(url)))
-    running = start_listener(settings, receiver)
+    return server_ca, settings, start_listener(settings, receiver)
+
+
+def test_shutdown_ends_an_open_tls_association_at_once(pki: Pki, tmp_path: Path) -> None:
+    server_ca, settings, running = _bare_tls_listener(pki, tmp_path)
     ae = AE(ae_title="TLSSCU")
     ae.add_requested_context(Verification)
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(server_ca[0]))
@@ -138,13 +144,7 @@ def test_shutdown_ends_an_open_tls_association_at_once(pki: Pki, tmp_path: Path)
 
 
 def test_shutdown_ends_a_connection_stalled_in_the_tls_handshake(pki: Pki, tmp_path: Path) -> None:
-    server_ca = pki.ca("server-ca")
-    cert, key = pki.leaf("listener", server_ca, server=True)
-    url = f"sqlite:///{tmp_path / 'index.db'}"
-    upgrade(url)
-    settings = ListenerSettings(port=free_port(), tls_certificate=cert, tls_private_key=key)
-    receiver = Receiver(Spool(tmp_path / "spool"), make_session_factory(make_engine(url)))
-    running = start_listener(settings, receiver)
+    _server_ca, settings, running = _bare_tls_listener(pki, tmp_path)
     with socket.create_connection(("127.0.0.1", settings.port), timeout=10) as sock:
         time.sleep(0.2)  # the listener's thread now waits for a ClientHello (acse_timeout_s)
         started = time.monotonic()
