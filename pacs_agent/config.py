@@ -89,6 +89,10 @@ class ListenerSettings(Section):
     memory_per_instance_mb: int = Field(64, ge=1)
     """A data set larger than this is gathered in a temporary file in the spool, not in
     memory, while it arrives."""
+    max_instance_mb: int = Field(8192, ge=0)
+    """A data set larger than this is refused: C-STORE answered 0xA700 when its last
+    fragment arrives, its bytes discarded as they come (the association goes on). 0: no
+    limit."""
     acse_timeout_s: float = Field(30.0, gt=0)
     """A connection that sends no A-ASSOCIATE-RQ within this time is closed."""
     dimse_timeout_s: float = Field(60.0, gt=0)

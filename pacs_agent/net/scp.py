@@ -460,6 +460,7 @@ def start_listener(settings: ListenerSettings, receiver: Receiver) -> RunningLis
         settings.network_timeout_s,
         spill_dir=receiver.spool.incoming_dir(),
         spill_bytes=settings.memory_per_instance_mb * 1024 * 1024,
+        max_dataset_bytes=settings.max_instance_mb * 1024 * 1024,
     )
     tls = tls_context(settings)
     service = ListenerService(settings, receiver)

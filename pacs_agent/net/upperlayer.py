@@ -124,22 +124,35 @@ class _DataSetBuffer(_Buffer):
     """The data set being gathered: in memory up to ``spill_bytes``, beyond that in an
     anonymous temporary file in ``spill_dir`` (gone when closed, even after a crash), handed
     out as a memory map. A multi-gigabyte instance then costs page cache, not the
-    listener's memory, however many associations carry one at once."""
+    listener's memory, however many associations carry one at once. Past ``limit_bytes``
+    (0: no limit) nothing more is kept: the data set is refused when its message ends."""
 
-    def __init__(self, size: int, spill_dir: Path | None, spill_bytes: int) -> None:
+    def __init__(
+        self, size: int, spill_dir: Path | None, spill_bytes: int, limit_bytes: int = 0
+    ) -> None:
         super().__init__(size)
         self.spill_dir = spill_dir
         self.spill_bytes = spill_bytes
+        self.limit_bytes = limit_bytes
         self._file: BinaryIO | None = None
         self._map: mmap.mmap | None = None
         #: Writing the temporary file failed: the data set is lost, its C-STORE fails.
         self.error: OSError | None = None
+        #: Larger than ``limit_bytes``: what came is discarded, its C-STORE fails.
+        self.too_large = False
 
     @property
     def spilled(self) -> bool:
         return self._file is not None or self.error is not None
 
     def append(self, chunk: memoryview) -> None:
+        if self.too_large or (self.limit_bytes and self.length + len(chunk) > self.limit_bytes):
+            if not self.too_large:  # memory and disk back now, not when the message ends
+                self.too_large = True
+                self._close_file()
+                self.data = bytearray()
+            self.length += len(chunk)
+            return
         if not self.spilled and (
             self.spill_dir is None or self.length + len(chunk) <= self.spill_bytes
         ):
@@ -159,11 +172,23 @@ class _DataSetBuffer(_Buffer):
                 self.error = exc
                 # Give the space back now, not when the message ends (a peer may send on
                 # for long, and other associations need the disk meanwhile).
-                if self._file is not None:
-                    with contextlib.suppress(OSError):
-                        self._file.close()
-                    self._file = None
+                self._close_file()
         self.length += len(chunk)
+
+    def failure(self) -> tuple[str, str] | None:
+        """Why the data set gathered so far cannot be stored, for the log and for the
+        peer's Error Comment (at most 64 characters); None: it can be."""
+        if self.too_large:
+            limit = f"{self.limit_bytes / 2**20:g} MiB"
+            return (
+                f"data set of {self.length / 2**20:.1f} MiB exceeds the limit of {limit} "
+                "(listener.max_instance_mb); its bytes were discarded",
+                f"data set over {limit} (listener.max_instance_mb)",
+            )
+        if self.error is not None:
+            reason = self.error.strerror or "I/O error"
+            return f"spilling the data set failed: {reason}", f"storage failed: {reason}"
+        return None
 
     def view(self, length: int) -> memoryview:
         if self._file is None:
@@ -174,16 +199,20 @@ class _DataSetBuffer(_Buffer):
         self._map = mmap.mmap(self._file.fileno(), length, access=mmap.ACCESS_READ)
         return memoryview(self._map)[:length]
 
+    def _close_file(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+
     def reset(self, need: int) -> None:
         if self._map is not None:
             with contextlib.suppress(BufferError):  # a view still held: the GC closes it
                 self._map.close()
             self._map = None
-        if self._file is not None:
-            with contextlib.suppress(OSError):
-                self._file.close()
-            self._file = None
+        self._close_file()
         self.error = None
+        self.too_large = False
         super().reset(need)
 
 
@@ -269,6 +298,8 @@ class Limits:
     #: (None: always in memory).
     spill_dir: Path | None = None
     spill_bytes: int = 64 * 1024 * 1024
+    #: A data set larger than this is refused 0xA700 when its message ends (0: no limit).
+    max_dataset_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -458,7 +489,9 @@ class Association:
         # costs little. Both grow to what the messages need and are kept for the association.
         self._pdu = _Buffer(_FIRST_PDU_BUFFER)  # the PDU being read
         # the data set being gathered (in a temporary file when large)
-        self._dataset = _DataSetBuffer(0, limits.spill_dir, limits.spill_bytes)
+        self._dataset = _DataSetBuffer(
+            0, limits.spill_dir, limits.spill_bytes, limits.max_dataset_bytes
+        )
         self._contexts: dict[int, UID] = {}  # accepted context id -> transfer syntax
         self._abstract: dict[int, str] = {}
         self._peer_max_pdu = 0
@@ -730,16 +763,21 @@ class Association:
                     if control & 0x02:
                         values = parse_command(command)
                         whole = None
-                        if dataset.error is None:
+                        if dataset.failure() is None:
                             try:
                                 whole = dataset.view(dataset.length)
                             except OSError as exc:  # flushing or mapping the spilled file
                                 dataset.error = exc
                         if whole is None:
-                            assert dataset.error is not None
-                            reason = dataset.error.strerror or "I/O error"
-                            log.error("C-STORE 0xA700: spilling the data set failed: %s", reason)
-                            failure = (OUT_OF_RESOURCES, f"storage failed: {reason}")
+                            why = dataset.failure()
+                            assert why is not None
+                            log.error(
+                                "C-STORE 0xA700 for SOP %s from %s: %s",
+                                _text(values, 0x1000),
+                                _who(info, self.address),
+                                why[0],
+                            )
+                            failure = (OUT_OF_RESOURCES, why[1])
                             self._dispatch(info, context_id, values, memoryview(b""), failure)
                         else:
                             with whole:

@@ -325,13 +325,13 @@ def test_several_senders_at_once_on_one_study_lose_nothing(
     assert callers == {"SENDER0", "SENDER1", "SENDER2", "STORESCU"}
 
 
-def _spilling_listener(spool_root: Path, db_root: Path) -> tuple[Any, Spool, Any]:
+def _spilling_listener(spool_root: Path, db_root: Path, **settings_: Any) -> tuple[Any, Spool, Any]:
     """A listener that gathers data sets over 1 MiB in a temporary file, not in memory."""
     url = f"sqlite:///{db_root / 'spill.db'}"
     upgrade(url)
     factory = make_session_factory(make_engine(url))
     spool = Spool(spool_root)
-    settings = ListenerSettings(port=free_port(), memory_per_instance_mb=1)
+    settings = ListenerSettings(port=free_port(), memory_per_instance_mb=1, **settings_)
     return start_listener(settings, Receiver(spool, factory)), spool, factory
 
 
@@ -389,3 +389,24 @@ def test_a_spill_that_fills_the_disk_gives_the_space_back_at_once(tiny_spool: Pa
     assert os.statvfs(tiny_spool).f_bfree >= free_before - 1  # nothing held while it goes on
     buffer.reset(0)
     assert buffer.error is None and not buffer.spilled
+
+
+def test_instance_larger_than_max_instance_mb_is_refused_a700_and_the_association_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, spool, factory = _spilling_listener(tmp_path / "spool", tmp_path, max_instance_mb=1)
+    try:
+        big, small = _study(1, seed=35, size=1024)[0], _study(1, seed=36, size=128)[0]
+        with caplog.at_level("ERROR", logger="pacs_agent.net.upperlayer"):
+            assert send(server.server.port, [big, small]) == [0xA700, 0]
+    finally:
+        server.shutdown()
+    with factory() as s:
+        assert [r.sop_instance_uid for r in s.scalars(select(Instance))] == [
+            str(small.SOPInstanceUID)
+        ]
+    assert not spool.path(spool.relative_path(
+        big.StudyInstanceUID, big.SeriesInstanceUID, big.SOPInstanceUID)).exists()  # fmt: skip
+    assert not list((tmp_path / "spool" / ".incoming").iterdir())
+    refused = [r.getMessage() for r in caplog.records if "max_instance_mb" in r.getMessage()]
+    assert len(refused) == 1 and str(big.SOPInstanceUID) in refused[0], refused
