@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from pacs_agent.storage import spool as spool_module
 from pacs_agent.storage.spool import InvalidUID, Spool, write_durable
 
 
@@ -55,3 +58,51 @@ def test_clear_incoming_removes_what_a_stopped_listener_left_half_written(
     (tmp_path / ".incoming" / ".incoming-1-x.dcm.part").write_bytes(b"half")
     assert spool.clear_incoming() == 1
     assert os.listdir(tmp_path / ".incoming") == []
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 512 * 1024 + 300])
+def test_durable_write_past_the_page_cache_keeps_the_exact_bytes_and_size(
+    tmp_path: Path, size: int
+) -> None:
+    data = os.urandom(size)
+    target = tmp_path / "a.dcm"
+    write_durable(target, [data[:300], memoryview(data)[300:]])
+    assert target.read_bytes() == data  # the padding of the last O_DIRECT block is cut off
+
+
+def test_durable_write_without_o_direct_or_too_large_for_it_goes_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written: list[bool] = []
+    original = spool_module._write_direct
+
+    def watch(tmp: Path, parts: list[bytes]) -> bool:
+        written.append(original(tmp, parts))
+        return written[-1]
+
+    monkeypatch.setattr(spool_module, "_write_direct", watch)
+    large = os.urandom(spool_module._DIRECT_MAX + 1)
+    write_durable(tmp_path / "large.dcm", large)
+    monkeypatch.setattr(spool_module, "_O_DIRECT", 0)  # a platform or filesystem without it
+    small = os.urandom(1000)
+    write_durable(tmp_path / "small.dcm", small)
+    assert written == [False, False]
+    assert (tmp_path / "large.dcm").read_bytes() == large
+    assert (tmp_path / "small.dcm").read_bytes() == small
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["large.dcm", "small.dcm"]
+
+
+def test_a_filesystem_that_refuses_o_direct_gets_the_buffered_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+
+    def refuse_direct(path: Any, flags: int, mode: int = 0o777) -> int:
+        if flags & spool_module._O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(spool_module.os, "open", refuse_direct)
+    data = os.urandom(5000)
+    write_durable(tmp_path / "a.dcm", data)
+    assert (tmp_path / "a.dcm").read_bytes() == data
