@@ -37,17 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     if settings.database.auto_upgrade:
         upgrade(settings.database_url)
 
-    from workers.celery_app import create_app
+    from celery.signals import worker_process_init, worker_process_shutdown
+
+    from workers.celery_app import create_app, ignore_sigterm_while_exiting
 
     app = create_app(settings)
+    worker_process_shutdown.connect(ignore_sigterm_while_exiting, weak=False)
     queues = args.queues or f"{settings.broker.inference_queue},{settings.broker.io_queue}"
     if settings.broker.inference_queue in queues.split(","):
         # Each pool process imports torch and MONAI as it starts, so a job's time limits
         # count its own work, not the first import. After the fork, not before: a pool
         # process forked from a parent holding torch could hang when it replaced one killed
         # at its hard time limit (the time-limit test caught it).
-        from celery.signals import worker_process_init
-
         def _warm(**_: object) -> None:
             import workers.inference
             import workers.runtime.bundle  # noqa: F401

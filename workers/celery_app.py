@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import threading
 from collections.abc import Iterator
@@ -87,6 +88,21 @@ def lease_heartbeat(ctx: WorkerContext, job_id: int) -> Iterator[None]:
     finally:
         stop.set()
         thread.join(5)
+
+
+def ignore_sigterm_while_exiting(**_: object) -> None:
+    """``worker_process_shutdown`` receiver: a pool process on its way out ignores SIGTERM.
+
+    Celery's pool (billiard's threaded pool, the one used with the embedded broker) ends a
+    pool process by writing its exit notice to a pipe under a lock that all pool processes
+    share. It blocks SIGTERM meanwhile, but only in the writing thread, and the worker
+    answers the notice with SIGTERM: another thread (torch's intra-op threads) takes that
+    signal and the process dies holding the lock. Its replacement then waits for the lock
+    forever and the worker runs no job again (seen after a hard time limit). Ignored, the
+    signal cannot cut the notice short; billiard exits the process a second later anyway (or
+    the pool's SIGKILL ends it, after a hard time limit).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def create_app(settings: Settings | None = None) -> Celery:
