@@ -362,12 +362,11 @@ def test_instance_larger_than_memory_per_instance_is_spilled_and_stored_byte_for
     assert not list((tmp_path / "spool" / ".incoming").iterdir())
 
 
-def test_spilling_onto_a_full_disk_answers_a700_and_the_association_goes_on(
-    tmp_path: Path, tiny_spool: Path
-) -> None:
-    server, _spool, factory = _spilling_listener(tiny_spool, tmp_path)
+def _big_refused_small_stored(server: Any, factory: Any, seed: int) -> Dataset:
+    """Send a 2 MiB instance then a 32 KiB one on one association: the first is answered
+    0xA700, the second stored, and only the second is indexed. Returns the refused one."""
     try:
-        big, small = _study(1, seed=33, size=1024)[0], _study(1, seed=34, size=128)[0]
+        big, small = _study(1, seed=seed, size=1024)[0], _study(1, seed=seed + 1, size=128)[0]
         assert send(server.server.port, [big, small]) == [0xA700, 0]
     finally:
         server.shutdown()
@@ -375,6 +374,14 @@ def test_spilling_onto_a_full_disk_answers_a700_and_the_association_goes_on(
         assert [r.sop_instance_uid for r in s.scalars(select(Instance))] == [
             str(small.SOPInstanceUID)
         ]
+    return big
+
+
+def test_spilling_onto_a_full_disk_answers_a700_and_the_association_goes_on(
+    tmp_path: Path, tiny_spool: Path
+) -> None:
+    server, _spool, factory = _spilling_listener(tiny_spool, tmp_path)
+    _big_refused_small_stored(server, factory, seed=33)
 
 
 def test_a_spill_that_fills_the_disk_gives_the_space_back_at_once(tiny_spool: Path) -> None:
@@ -395,16 +402,8 @@ def test_instance_larger_than_max_instance_mb_is_refused_a700_and_the_associatio
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     server, spool, factory = _spilling_listener(tmp_path / "spool", tmp_path, max_instance_mb=1)
-    try:
-        big, small = _study(1, seed=35, size=1024)[0], _study(1, seed=36, size=128)[0]
-        with caplog.at_level("ERROR", logger="pacs_agent.net.upperlayer"):
-            assert send(server.server.port, [big, small]) == [0xA700, 0]
-    finally:
-        server.shutdown()
-    with factory() as s:
-        assert [r.sop_instance_uid for r in s.scalars(select(Instance))] == [
-            str(small.SOPInstanceUID)
-        ]
+    with caplog.at_level("ERROR", logger="pacs_agent.net.upperlayer"):
+        big = _big_refused_small_stored(server, factory, seed=35)
     assert not spool.path(spool.relative_path(
         big.StudyInstanceUID, big.SeriesInstanceUID, big.SOPInstanceUID)).exists()  # fmt: skip
     assert not list((tmp_path / "spool" / ".incoming").iterdir())
