@@ -472,6 +472,7 @@ def start_listener(settings: ListenerSettings, receiver: Receiver) -> RunningLis
     left = receiver.spool.clear_incoming()
     if left:
         log.warning("removed %d half-received files left by a stopped listener", left)
+    receiver.spool.make_files_ahead()
     if receiver.writer is None:
         receiver.writer = IndexWriter(receiver.session_factory)
     server.start()
@@ -498,3 +499,4 @@ class RunningListener:
         if self.receiver.writer is not None:
             self.receiver.writer.close()
             self.receiver.writer = None
+        self.receiver.spool.close()

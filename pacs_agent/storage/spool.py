@@ -12,6 +12,7 @@ import mmap
 import os
 import re
 import threading
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def write_durable(
     *,
     sync_dir: bool = True,
     temp_dir: Path | None = None,
+    ahead: FilesAhead | None = None,
 ) -> None:
     """Write ``data`` (bytes, or buffers written one after another) to ``path`` so that it
     survives a crash once this returns.
@@ -70,19 +72,28 @@ def write_durable(
     target is untouched. With ``sync_dir`` false the caller makes the directory durable
     itself (fsync_dir) before relying on the new name: the listener's index writer does it
     once for a batch of instances. The temp file goes to ``temp_dir`` when given (same
-    filesystem), else beside ``path``.
+    filesystem), else beside ``path``; with ``ahead``, one of its files made ahead of time is
+    used when it has one ready.
     """
     parts: Sequence[Buffer] = [data] if isinstance(data, Buffer) else data
     _make_dirs(path.parent)
-    tmp = (temp_dir or path.parent) / f".incoming-{threading.get_ident()}-{path.name}.part"
+    taken = ahead.take() if ahead is not None else None
+    if taken is not None:
+        tmp, fd = taken
+    else:
+        tmp = (temp_dir or path.parent) / f".incoming-{threading.get_ident()}-{path.name}.part"
+        fd = None
     try:
-        if not _write_direct(tmp, parts):
+        if not _write_direct(tmp, parts, fd):
             _write_buffered(tmp, parts)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    finally:
+        if fd is not None:
+            os.close(fd)
     if sync_dir:
         fsync_dir(path.parent)
 
@@ -111,6 +122,9 @@ _BLOCK = 4096
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 _per_thread = threading.local()
 
+_INCOMING = ".incoming"
+_AHEAD_SUFFIX = ".ahead"
+
 
 def _aligned_buffer() -> mmap.mmap:
     buffer: mmap.mmap | None = getattr(_per_thread, "buffer", None)
@@ -119,10 +133,11 @@ def _aligned_buffer() -> mmap.mmap:
     return buffer
 
 
-def _write_direct(tmp: Path, parts: Sequence[Buffer]) -> bool:
+def _write_direct(tmp: Path, parts: Sequence[Buffer], fd: int | None = None) -> bool:
     """Write ``parts`` to ``tmp`` with O_DIRECT (the last block padded, then the file cut to
     its size) and fsync it. False, with ``tmp`` left for the buffered path to overwrite, when
-    the data is too large for it or the filesystem refuses O_DIRECT.
+    the data is too large for it or the filesystem refuses O_DIRECT. ``fd``: ``tmp`` already
+    open (empty, O_DIRECT), left open for the caller to close.
 
     Why: on the virtual disks measured (docs/decisions/0009) copying an instance into the
     page cache and writing it back cost more CPU than receiving it; from an aligned buffer the
@@ -135,12 +150,15 @@ def _write_direct(tmp: Path, parts: Sequence[Buffer]) -> bool:
     for part in parts:
         buffer[at : at + len(part)] = part
         at += len(part)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | _O_DIRECT, 0o600)
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            return False
-        raise
+    owned = fd is None
+    if fd is None:
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | _O_DIRECT
+            fd = os.open(tmp, flags, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return False
+            raise
     try:
         with memoryview(buffer)[: -(-total // _BLOCK) * _BLOCK] as view:
             offset = 0
@@ -156,11 +174,84 @@ def _write_direct(tmp: Path, parts: Sequence[Buffer]) -> bool:
             return False
         raise
     finally:
-        os.close(fd)
+        if owned:
+            os.close(fd)
     return True
 
 
-_INCOMING = ".incoming"
+class FilesAhead:
+    """Empty temp files made ahead of time in one directory by a helper thread, each open for
+    O_DIRECT writing, so that a writer on the hot path does not wait for the filesystem to
+    allocate an inode.
+
+    Why: creating a file was up to a tenth of the listener's time per instance on the disks
+    measured (docs/decisions/0009), more with several associations creating at once, while the
+    rest of the machine had cycles to spare. ``take`` never waits: with nothing ready (the
+    helper behind, a full disk, a filesystem without O_DIRECT) the writer makes its own temp
+    file as before and meets any error itself. Files left behind by a stopped process end in
+    ``.part`` like every temp file, so ``Spool.clear_incoming`` removes them.
+    """
+
+    def __init__(self, directory: Path, keep: int = 8) -> None:
+        self.directory = directory
+        self.keep = keep
+        self._ready: deque[tuple[Path, int]] = deque()
+        self._wanted = threading.Event()
+        self._stop = threading.Event()
+        self._made = 0
+        self._thread = threading.Thread(target=self._run, name="spool-files-ahead", daemon=True)
+        self._wanted.set()
+        self._thread.start()
+
+    def take(self) -> tuple[Path, int] | None:
+        """A ready file (its path and an open descriptor the caller closes), or None."""
+        try:
+            taken = self._ready.popleft()
+        except IndexError:
+            taken = None
+        self._wanted.set()
+        return taken
+
+    def close(self) -> None:
+        """Stop the helper; remove the files it made that nobody took."""
+        self._stop.set()
+        self._wanted.set()
+        self._thread.join(10)
+        while self._ready:
+            path, fd = self._ready.popleft()
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wanted.wait()
+            self._wanted.clear()
+            while not self._stop.is_set() and len(self._ready) < self.keep:
+                if not self._make_one():
+                    return
+
+    def _make_one(self) -> bool:
+        """Make one file; False when this filesystem cannot give what the helper makes."""
+        path = self.directory / f"{os.getpid()}-{self._made}{_AHEAD_SUFFIX}"
+        self._made += 1
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | _O_DIRECT
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileExistsError:
+            return True  # a leftover of an earlier process with this pid: the next name
+        except OSError as exc:
+            if exc.errno == errno.EINVAL or not _O_DIRECT:
+                return False  # no O_DIRECT here: writers make their own temp files
+            # A full disk or the like: writers meet it themselves; try again later.
+            self._stop.wait(1.0)
+            return True
+        if self._stop.is_set():
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            return False
+        self._ready.append((path, fd))
+        return True
 
 
 class Spool:
@@ -168,6 +259,18 @@ class Spool:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._ahead: FilesAhead | None = None
+
+    def make_files_ahead(self, keep: int = 8) -> None:
+        """Have temp files made ahead of time in ``.incoming/`` for ``store`` (the listener
+        does, after ``clear_incoming``); ``close`` stops it."""
+        if self._ahead is None:
+            self._ahead = FilesAhead(self.incoming_dir(), keep)
+
+    def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
 
     def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         parts = (
@@ -206,7 +309,8 @@ class Spool:
         """Remove what a stopped listener left half-written in ``.incoming`` (never indexed,
         never answered); the number of files removed."""
         removed = 0
-        for leftover in (self.root / _INCOMING).glob("*.part"):
+        incoming = self.root / _INCOMING
+        for leftover in [*incoming.glob("*.part"), *incoming.glob(f"*{_AHEAD_SUFFIX}")]:
             with contextlib.suppress(OSError):
                 leftover.unlink()
                 removed += 1
@@ -227,5 +331,7 @@ class Spool:
         """Write ``relative`` durably; its temp file lives in ``.incoming/`` (so what a
         stopped listener left half-written is in one place: ``clear_incoming``)."""
         target = self.root / relative
-        write_durable(target, data, sync_dir=sync_dir, temp_dir=self.incoming_dir())
+        incoming = self.incoming_dir()
+        ahead = self._ahead if self._ahead and self._ahead.directory == incoming else None
+        write_durable(target, data, sync_dir=sync_dir, temp_dir=incoming, ahead=ahead)
         return target

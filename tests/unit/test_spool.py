@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,8 @@ def test_clear_incoming_removes_what_a_stopped_listener_left_half_written(
     assert spool.clear_incoming() == 0  # no spool yet: nothing to do
     (tmp_path / ".incoming").mkdir()
     (tmp_path / ".incoming" / ".incoming-1-x.dcm.part").write_bytes(b"half")
-    assert spool.clear_incoming() == 1
+    (tmp_path / ".incoming" / "123-4.ahead").write_bytes(b"half")  # taken, then stopped
+    assert spool.clear_incoming() == 2
     assert os.listdir(tmp_path / ".incoming") == []
 
 
@@ -76,8 +78,8 @@ def test_durable_write_without_o_direct_or_too_large_for_it_goes_through_the_pag
     written: list[bool] = []
     original = spool_module._write_direct
 
-    def watch(tmp: Path, parts: list[bytes]) -> bool:
-        written.append(original(tmp, parts))
+    def watch(tmp: Path, parts: list[bytes], fd: int | None = None) -> bool:
+        written.append(original(tmp, parts, fd))
         return written[-1]
 
     monkeypatch.setattr(spool_module, "_write_direct", watch)
@@ -106,3 +108,71 @@ def test_a_filesystem_that_refuses_o_direct_gets_the_buffered_write(
     data = os.urandom(5000)
     write_durable(tmp_path / "a.dcm", data)
     assert (tmp_path / "a.dcm").read_bytes() == data
+
+
+def _wait_for_files_ahead(incoming: Path, count: int) -> list[str]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        names = sorted(p.name for p in incoming.glob("*.ahead"))
+        if len(names) >= count:
+            return names
+        time.sleep(0.01)
+    raise AssertionError(f"fewer than {count} files made ahead in {incoming}")
+
+
+def test_store_writes_into_a_file_made_ahead_and_close_removes_the_untaken_ones(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path)
+    spool.make_files_ahead(keep=3)
+    try:
+        before = _wait_for_files_ahead(tmp_path / ".incoming", 3)
+        data = os.urandom(512 * 1024 + 300)
+        rel = spool.relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+        spool.store(rel, [data[:132], memoryview(data)[132:]])
+        assert (tmp_path / rel).read_bytes() == data
+        after = _wait_for_files_ahead(tmp_path / ".incoming", 3)
+        assert before[0] not in after  # the first one ready was taken, and replaced
+    finally:
+        spool.close()
+    assert os.listdir(tmp_path / ".incoming") == []
+
+
+def test_without_o_direct_nothing_is_made_ahead_and_store_makes_its_own_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+
+    def refuse_direct(path: Any, flags: int, mode: int = 0o777) -> int:
+        if flags & spool_module._O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode)
+
+    monkeypatch.setattr(spool_module.os, "open", refuse_direct)
+    spool = Spool(tmp_path)
+    spool.make_files_ahead(keep=3)
+    try:
+        rel = spool.relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+        spool.store(rel, b"DICM-data")
+        assert (tmp_path / rel).read_bytes() == b"DICM-data"
+        assert list((tmp_path / ".incoming").glob("*.ahead")) == []
+    finally:
+        spool.close()
+    assert os.listdir(tmp_path / ".incoming") == []
+
+
+def test_a_file_made_ahead_that_the_write_fails_on_is_removed_and_the_target_untouched(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path)
+    rel = spool.relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    spool.store(rel, b"first")
+    spool.make_files_ahead(keep=2)
+    try:
+        _wait_for_files_ahead(tmp_path / ".incoming", 2)
+        with pytest.raises(TypeError):
+            spool.store(rel, [b"DICM", object()])  # type: ignore[list-item]
+        assert (tmp_path / rel).read_bytes() == b"first"
+    finally:
+        spool.close()
+    assert os.listdir(tmp_path / ".incoming") == []
