@@ -10,7 +10,6 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, select, update
@@ -20,7 +19,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacs_agent.db.models import Instance, InstanceCopy, Series, Study
 from pacs_agent.db.session import READ_ONLY
 from pacs_agent.dicom.header import InstanceHeader
-from pacs_agent.storage.spool import fsync_dir
 
 
 class IndexOutcome(StrEnum):
@@ -224,7 +222,6 @@ class _Request:
     stored: StoredFile
     now: datetime
     reopen: bool
-    directory: Path | None = None
     future: Future[IndexOutcome] = field(default_factory=Future)
 
 
@@ -274,11 +271,9 @@ class IndexWriter:
         now: datetime,
         *,
         reopen: bool = True,
-        directory: Path | None = None,
     ) -> IndexOutcome:
-        """Commit the row; first make ``directory`` durable (its new entry, the file just
-        renamed into it), once for all the rows of the batch that name it."""
-        request = _Request(header, stored, now, reopen, directory)
+        """Commit the row of an instance whose file and directory entry are durable."""
+        request = _Request(header, stored, now, reopen)
         self._queue.put(request)
         # A database that hangs (a lock never released) must still end in 0xA700, not a
         # C-STORE that never gets its answer.
@@ -331,13 +326,6 @@ class IndexWriter:
         return self._conn
 
     def _write(self, batch: list[_Request]) -> None:
-        try:
-            for directory in {r.directory for r in batch if r.directory is not None}:
-                fsync_dir(directory)
-        except OSError as exc:  # the renames may not be durable: commit nothing
-            for request in batch:
-                request.future.set_exception(exc)
-            return
         try:
             conn = self._connection()
             with conn.begin():

@@ -70,7 +70,7 @@ from pacs_agent.net.upperlayer import (
     Server,
     StoreRequest,
 )
-from pacs_agent.storage.spool import InvalidUID, Spool, check_uid, fsync_dir
+from pacs_agent.storage.spool import InvalidUID, Spool, check_uid
 
 log = logging.getLogger(__name__)
 
@@ -162,15 +162,11 @@ class Receiver:
     writer: IndexWriter | None = None
 
     def index(self, header: InstanceHeader, stored: StoredFile) -> None:
-        """Make the directory of a stored instance durable and commit its index row (both
-        batched with concurrent instances by the writer)."""
-        directory = self.spool.path(stored.relative_path).parent
+        """Commit the index row of a durable instance (batched with concurrent instances
+        by the writer when there is one)."""
         if self.writer is not None:
-            self.writer.index(
-                header, stored, self.clock(), reopen=self.reopen_complete, directory=directory
-            )
+            self.writer.index(header, stored, self.clock(), reopen=self.reopen_complete)
         else:
-            fsync_dir(directory)
             index_instance(
                 self.session_factory, header, stored, self.clock(), reopen=self.reopen_complete
             )
@@ -344,9 +340,9 @@ def _put(
     else:
         relative = receiver.spool.relative_path(*uids)
     try:
-        # The directory is made durable before the index commits: by the index writer (once
-        # per batch) for a row it writes, here for a keep-both copy.
-        receiver.spool.store(relative, data, sync_dir=arrival is Arrival.KEEP_BOTH)
+        # The file and its directory entry are durable before the index row commits (the
+        # directory's flush shared with the associations writing beside this one).
+        receiver.spool.store(relative, data)
     except OSError as exc:
         log.error(
             "C-STORE 0xA700: spool write failed for SOP %s: %s",

@@ -43,6 +43,55 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class DirectorySync:
+    """fsync of directories, shared between threads: a thread that renamed a file into a
+    directory before another thread's fsync of that directory began relies on that fsync
+    instead of starting its own (a group commit for directory entries).
+
+    Why: with several associations writing one series, each new instance needs its
+    directory entry durable before its index row commits; one flush covers every rename made
+    before it started, so the flushes run beside each other's file writes instead of one
+    after another in the index writer (docs/decisions/0009)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._dirs: dict[Path, _DirectoryState] = {}
+
+    def sync(self, directory: Path) -> None:
+        """Return once every rename into ``directory`` made before this call is durable."""
+        with self._cond:
+            state = self._dirs.get(directory)
+            if state is None:
+                if len(self._dirs) >= 4096:  # forget idle directories (their state is done)
+                    self._dirs = {d: s for d, s in self._dirs.items() if s.running}
+                state = self._dirs[directory] = _DirectoryState()
+            state.asked += 1
+            ticket = state.asked
+            while state.synced < ticket:
+                if state.running:
+                    self._cond.wait()
+                    continue
+                state.running = True
+                covers = state.asked
+                self._cond.release()
+                try:
+                    fsync_dir(directory)
+                finally:
+                    self._cond.acquire()
+                    state.running = False
+                    self._cond.notify_all()
+                state.synced = max(state.synced, covers)
+
+
+class _DirectoryState:
+    __slots__ = ("asked", "running", "synced")
+
+    def __init__(self) -> None:
+        self.asked = 0  # syncs asked for so far (each after its rename)
+        self.synced = 0  # asks covered by a finished fsync
+        self.running = False
+
+
 def _make_dirs(path: Path) -> None:
     """Create ``path`` and missing parents, making each new directory entry durable."""
     if path.is_dir():
@@ -260,6 +309,7 @@ class Spool:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._ahead: FilesAhead | None = None
+        self._directories = DirectorySync()
 
     def make_files_ahead(self, keep: int = 8) -> None:
         """Have temp files made ahead of time in ``.incoming/`` for ``store`` (the listener
@@ -333,5 +383,7 @@ class Spool:
         target = self.root / relative
         incoming = self.incoming_dir()
         ahead = self._ahead if self._ahead and self._ahead.directory == incoming else None
-        write_durable(target, data, sync_dir=sync_dir, temp_dir=incoming, ahead=ahead)
+        write_durable(target, data, sync_dir=False, temp_dir=incoming, ahead=ahead)
+        if sync_dir:
+            self._directories.sync(target.parent)
         return target

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -176,3 +178,63 @@ def test_a_file_made_ahead_that_the_write_fails_on_is_removed_and_the_target_unt
     finally:
         spool.close()
     assert os.listdir(tmp_path / ".incoming") == []
+
+
+def test_directory_sync_shares_flushes_and_each_caller_waits_for_one_begun_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[tuple[str, int]] = []  # ("begin"/"end", flush number), in order
+    lock = threading.Lock()
+    flushes = itertools.count()
+    real = spool_module.fsync_dir
+
+    def slow_fsync(path: Path) -> None:
+        n = next(flushes)
+        with lock:
+            events.append(("begin", n))
+        time.sleep(0.02)  # long enough for the other threads to pile up behind it
+        real(path)
+        with lock:
+            events.append(("end", n))
+
+    monkeypatch.setattr(spool_module, "fsync_dir", slow_fsync)
+    sync = spool_module.DirectorySync()
+    problems: list[str] = []
+
+    def caller() -> None:
+        with lock:
+            asked_at = len(events)
+        sync.sync(tmp_path)
+        with lock:
+            done = events[: len(events)]
+        # Some flush began after this call and ended before it returned.
+        begun_after = {n for kind, n in done[asked_at:] if kind == "begin"}
+        ended = {n for kind, n in done if kind == "end"}
+        if not begun_after & ended:
+            problems.append(f"returned without a flush begun after its call: {done}")
+
+    threads = [threading.Thread(target=caller) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert problems == []
+    assert 1 <= next(flushes) < 16  # shared: fewer flushes than callers
+
+
+def test_directory_sync_raises_a_failed_flush_and_the_next_caller_flushes_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Path] = []
+
+    def failing(path: Path) -> None:
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(spool_module, "fsync_dir", failing)
+    sync = spool_module.DirectorySync()
+    with pytest.raises(OSError):
+        sync.sync(tmp_path)
+    sync.sync(tmp_path)  # not left waiting on the failed one
+    assert calls == [tmp_path, tmp_path]
