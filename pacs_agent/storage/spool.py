@@ -97,10 +97,9 @@ def _make_dirs(path: Path) -> None:
     if path.is_dir():
         return
     _make_dirs(path.parent)
-    try:
+    # Made by another thread meanwhile: its entry may not be durable yet, so sync it too.
+    with contextlib.suppress(FileExistsError):
         path.mkdir()
-    except FileExistsError:
-        return  # another thread made it (and syncs its parent)
     fsync_dir(path.parent)
 
 

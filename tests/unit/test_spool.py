@@ -3,6 +3,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -238,3 +239,32 @@ def test_directory_sync_raises_a_failed_flush_and_the_next_caller_flushes_again(
         sync.sync(tmp_path)
     sync.sync(tmp_path)  # not left waiting on the failed one
     assert calls == [tmp_path, tmp_path]
+
+
+def test_store_makes_a_series_directory_again_when_it_was_removed_after_an_earlier_store(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path)
+    first = spool.relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    spool.store(first, b"first")
+    shutil.rmtree(tmp_path / "1.2.3")  # the study purged while the listener runs
+    second = spool.relative_path("1.2.3", "1.2.3.4", "1.2.3.4.6")
+    spool.store(second, b"second")
+    assert (tmp_path / second).read_bytes() == b"second"
+    assert os.listdir(tmp_path / ".incoming") == []
+
+
+def test_a_directory_another_thread_just_made_is_still_synced_in_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[Path] = []
+    monkeypatch.setattr(spool_module, "fsync_dir", synced.append)
+    real_mkdir = Path.mkdir
+
+    def made_meanwhile(self: Path, *args: Any, **kwargs: Any) -> None:
+        real_mkdir(self, *args, **kwargs)  # as if another thread won the race
+        raise FileExistsError(str(self))
+
+    monkeypatch.setattr(Path, "mkdir", made_meanwhile)
+    write_durable(tmp_path / "study" / "x.dcm", b"data")
+    assert tmp_path in synced  # the new "study" entry is made durable before anything relies on it
