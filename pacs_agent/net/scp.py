@@ -270,6 +270,13 @@ def store_instance(
     receiver: Receiver, assoc: AssociationInfo, request: StoreRequest
 ) -> tuple[int, str | None]:
     """C-STORE: write the bytes durably, index them, then answer success."""
+    with _STORING:
+        return _store_instance(receiver, assoc, request)
+
+
+def _store_instance(
+    receiver: Receiver, assoc: AssociationInfo, request: StoreRequest
+) -> tuple[int, str | None]:
     try:
         check_uid("Affected SOP Class UID", request.sop_class_uid)
         check_uid("Affected SOP Instance UID", request.sop_instance_uid)
@@ -293,15 +300,19 @@ def store_instance(
     except Exception as exc:
         log.error("C-STORE 0xA700: index unavailable: %s", type(exc).__name__)
         return OUT_OF_RESOURCES, f"index failed: {type(exc).__name__}"
-    if indexed is None:
-        # A new instance (the usual case): its checksum is computed on another thread while
-        # this one writes and flushes the file (hashlib lets go of the GIL).
+    if indexed is None and _STORING.alone():
+        # A new instance (the usual case) and no other C-STORE under way: its checksum is
+        # computed on another thread while this one writes and flushes the file (hashlib
+        # lets go of the GIL). With other associations storing, the cores are busy with them
+        # and the hand-over to the other thread costs more than it saves: computed here.
         hashing = _HASHER.submit(_sha256, prefix, request.dataset)
         try:
             return _put(receiver, assoc, request, header, data, Arrival.NEW, hashing.result)
         finally:
             hashing.result()  # the data set's buffer must not be reused while it is read
     digest = _sha256(prefix, request.dataset)
+    if indexed is None:
+        return _put(receiver, assoc, request, header, data, Arrival.NEW, lambda: digest)
     arrival = decide_arrival(indexed, digest, receiver.duplicates)
     if arrival in (Arrival.SAME, Arrival.KEEP_FIRST):
         if arrival is Arrival.KEEP_FIRST:
@@ -322,6 +333,28 @@ def _sha256(prefix: bytes, dataset: memoryview) -> str:
 
 #: Checksums of new instances, computed beside the file write (see store_instance).
 _HASHER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sha256")
+
+
+class _InFlight:
+    """How many C-STOREs are being stored at this moment, across associations."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self._count += 1
+
+    def __exit__(self, *_: object) -> None:
+        with self._lock:
+            self._count -= 1
+
+    def alone(self) -> bool:
+        return self._count <= 1
+
+
+_STORING = _InFlight()
 
 
 def _put(

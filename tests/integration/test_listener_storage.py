@@ -6,6 +6,7 @@ Compressed transfer syntaxes byte for byte, duplicates policies, late instances,
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -323,6 +324,11 @@ def test_several_senders_at_once_on_one_study_lose_nothing(
     with lst.session_factory() as s:
         callers = set(s.scalars(select(Instance.calling_ae_title)))
     assert callers == {"SENDER0", "SENDER1", "SENDER2", "STORESCU"}
+    with lst.session_factory() as s:
+        rows = s.scalars(select(Instance)).all()
+    for row in rows:  # each checksum, computed beside the write or in line, names its file
+        data = lst.spool.path(row.path).read_bytes()
+        assert (row.sha256, row.size_bytes) == (hashlib.sha256(data).hexdigest(), len(data))
 
 
 def _spilling_listener(spool_root: Path, db_root: Path, **settings_: Any) -> tuple[Any, Spool, Any]:
