@@ -2,7 +2,11 @@
 
 Generates CT instances (512x512 int16), sends them with dcmtk storescu (TCP_NODELAY=1 on every
 side, see FACTS: the Nagle trap) over 1 and over 4 concurrent associations, to each receiver
-in turn (the order rotates every run), each receiver started fresh for each send. Prints the
+in turn (in an order shuffled for every run, so no receiver always follows the same one),
+each receiver started fresh for each send. Nothing is deleted until the end: removing one
+receiver's 500 files right before the next receiver's send slowed that next send (on this
+machine's ext4 without a journal, new inodes are allocated past recently freed ones for about
+half a minute after a mass delete), which measured the cleanup, not the receiver. Prints the
 median images/s of each receiver and its ratio to storescp. A fourth receiver, plain pynetdicom
 writing the encoded bytes with no fsync and no index (bench/plain_scp.py), shows what the
 library alone reaches in the same run. ``--rss N`` also sends N instances
@@ -19,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import shutil
 import signal
 import socket
@@ -250,9 +255,19 @@ def main() -> int:
         files = make_instances(root / "in", args.instances)
         print(f"generated {len(files)} instances in {time.perf_counter() - t0:.1f} s", flush=True)
         names = list(receivers)
+        needed = len(files) * (512 * 512 * 2 + 4096) * len(names) * len(args.associations)
+        free = shutil.disk_usage(root).free
+        if needed * args.runs > free * 0.9:
+            raise SystemExit(
+                f"not enough free disk for {args.runs} runs kept until the end "
+                f"({needed * args.runs / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free): "
+                "fewer --runs or --instances"
+            )
         for run in range(args.runs):
+            order = list(names)
+            random.Random(run).shuffle(order)
+            print(f"run {run + 1} order: {', '.join(order)}", flush=True)
             for n_assoc in args.associations:
-                order = names[run % len(names) :] + names[: run % len(names)]
                 for name in order:
                     workdir = root / f"run{run}-{n_assoc}-{name}"
                     with receivers[name](workdir) as target:  # type: ignore[attr-defined]
@@ -271,7 +286,6 @@ def main() -> int:
                         f"run {run + 1} {n_assoc} assoc {name:28s} {rate:7.1f} img/s ({got})",
                         flush=True,
                     )
-                    shutil.rmtree(workdir, ignore_errors=True)
         rss = peak_rss(root, args.rss, agent_env) if args.rss else None
 
     print()
