@@ -164,7 +164,9 @@ class Receiver:
     def index(self, header: InstanceHeader, stored: StoredFile) -> None:
         """Commit the index row of a durable instance (batched with concurrent instances
         by the writer when there is one)."""
-        if self.writer is not None:
+        if self.writer is not None and _STORING.alone():
+            self.writer.index_here(header, stored, self.clock(), reopen=self.reopen_complete)
+        elif self.writer is not None:
             self.writer.index(header, stored, self.clock(), reopen=self.reopen_complete)
         else:
             index_instance(

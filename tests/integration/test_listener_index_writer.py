@@ -7,6 +7,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.uid import generate_uid
@@ -113,3 +114,92 @@ def test_a_timed_out_row_still_queued_is_withdrawn_and_never_written(tmp_path: P
         indexed = set(s.scalars(select(Instance.sop_instance_uid)))
     assert str(second.sop_instance_uid) not in indexed
     assert str(first.sop_instance_uid) in indexed  # taken before the timeout: committed later
+
+
+def test_index_here_commits_on_the_calling_thread_when_the_writer_is_idle(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+    upgrade(url)
+    session_factory = make_session_factory(make_engine(url))
+    writer = IndexWriter(session_factory)
+    study, series = generate_uid(), generate_uid()
+    threads: set[str] = set()
+    real_write = writer._write
+
+    def watch(batch: list[Any]) -> None:
+        threads.add(threading.current_thread().name)
+        real_write(batch)
+
+    writer._write = watch  # type: ignore[method-assign]
+    try:
+        for n in range(3):
+            stored = StoredFile(f"{n}.dcm", 1, f"{n:064x}", "1.2.840.10008.1.2.1", "A")
+            assert writer.index_here(_header(study, series), stored, NOW) is IndexOutcome.NEW
+    finally:
+        writer.close()
+    assert threads == {threading.current_thread().name}
+    with session_factory() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 3
+
+
+def test_index_here_queues_behind_a_busy_writer_and_keeps_its_timeout(tmp_path: Path) -> None:
+    """While the writer waits on a lock with another row, index_here does not go around it:
+    its row is queued and times out like any other (it is not left hanging)."""
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    session_factory = make_session_factory(engine)
+    writer = IndexWriter(session_factory, timeout_s=0.5)
+    study, series = generate_uid(), generate_uid()
+    outcomes: dict[str, object] = {}
+
+    def send(name: str, header: InstanceHeader, here: bool) -> None:
+        stored = StoredFile(f"{name}.dcm", 1, "0" * 64, "1.2.840.10008.1.2.1", "A")
+        call = writer.index_here if here else writer.index
+        try:
+            outcomes[name] = call(header, stored, NOW)
+        except Exception as exc:
+            outcomes[name] = exc
+
+    blocker = engine.connect()
+    blocker.begin()  # BEGIN IMMEDIATE: the write lock, held
+    try:
+        taken = threading.Thread(target=send, args=("first", _header(study, series), False))
+        taken.start()
+        deadline = time.monotonic() + 5
+        while not writer._busy.locked() and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the writer has the first row (and waits for the lock)
+        started = time.monotonic()
+        send("second", _header(study, series), True)
+        waited = time.monotonic() - started
+        taken.join(5)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    writer.close()
+    assert isinstance(outcomes["second"], IndexTimeout) and outcomes["second"].cancelled
+    assert waited < 5
+
+
+def test_a_postgresql_lock_never_released_ends_index_here_in_an_error(postgres_url: str) -> None:
+    upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    session_factory = make_session_factory(engine)
+    writer = IndexWriter(session_factory, lock_timeout_s=0.5)
+    study, series = generate_uid(), generate_uid()
+    stored = StoredFile("0.dcm", 1, "0" * 64, "1.2.840.10008.1.2.1", "A")
+    assert writer.index_here(_header(study, series), stored, NOW) is IndexOutcome.NEW
+    blocker = engine.connect()
+    blocker.exec_driver_sql("LOCK TABLE studies IN ACCESS EXCLUSIVE MODE")  # held, never let go
+    started = time.monotonic()
+    try:
+        with pytest.raises(Exception, match="lock timeout"):
+            stored = StoredFile("1.dcm", 1, "1" * 64, "1.2.840.10008.1.2.1", "A")
+            writer.index_here(_header(study, series), stored, NOW)
+        assert time.monotonic() - started < 10
+    finally:
+        blocker.rollback()
+        blocker.close()
+        writer.close()
+        engine.dispose()
