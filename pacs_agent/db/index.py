@@ -95,7 +95,6 @@ class DigestLookup:
     def close(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(Exception):  # a connection that is already gone
-                self._conn.invalidate()  # not back to the pool: it carries our lock_timeout
                 self._conn.close()
             self._conn = None
 

@@ -118,8 +118,8 @@ def write_durable(
     path never share one; written with O_DIRECT when it can be), fsync, rename over the
     target, fsync the directory. On any error (a full disk) the temp file is removed and the
     target is untouched. With ``sync_dir`` false the caller makes the directory durable
-    itself (fsync_dir) before relying on the new name: the listener's index writer does it
-    once for a batch of instances. The temp file goes to ``temp_dir`` when given (same
+    itself before relying on the new name (``Spool.store`` does, with a flush shared between
+    threads). The temp file goes to ``temp_dir`` when given (same
     filesystem), else beside ``path``; with ``ahead``, one of its files made ahead of time is
     used when it has one ready.
     """
@@ -236,8 +236,9 @@ class FilesAhead:
     measured (docs/decisions/0009), more with several associations creating at once, while the
     rest of the machine had cycles to spare. ``take`` never waits: with nothing ready (the
     helper behind, a full disk, a filesystem without O_DIRECT) the writer makes its own temp
-    file as before and meets any error itself. Files left behind by a stopped process end in
-    ``.part`` like every temp file, so ``Spool.clear_incoming`` removes them.
+    file as before and meets any error itself. The files are named ``<pid>-<n>.ahead`` (empty
+    until taken, then written and renamed away); ``Spool.clear_incoming`` removes any that a
+    stopped process left, ``close`` those nobody took.
     """
 
     def __init__(self, directory: Path, keep: int = 8) -> None:
@@ -313,7 +314,7 @@ class Spool:
     def make_files_ahead(self, keep: int = 8) -> None:
         """Have temp files made ahead of time in ``.incoming/`` for ``store`` (the listener
         does, after ``clear_incoming``); ``close`` stops it."""
-        if self._ahead is None:
+        if self._ahead is None and _O_DIRECT:
             self._ahead = FilesAhead(self.incoming_dir(), keep)
 
     def close(self) -> None:
