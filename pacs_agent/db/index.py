@@ -235,6 +235,10 @@ class IndexTimeout(TimeoutError):
         self.cancelled = cancelled
 
 
+class WriterBusy(Exception):
+    """The index writer is writing a batch at this moment."""
+
+
 class IndexWriter:
     """Group commit: one thread writes the index rows of all waiting C-STOREs in one
     transaction, so concurrent associations share a commit.
@@ -266,6 +270,7 @@ class IndexWriter:
         self._conn: Connection | None = None
         self._series: dict[str, tuple[int, int]] = {}  # series UID -> (study id, series id)
         self._busy = threading.Lock()  # held while a batch is written, by whichever thread
+        self._digest_compiled: Any = None
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
         self._thread.start()
 
@@ -312,6 +317,39 @@ class IndexWriter:
         finally:
             self._busy.release()
         return request.future.result()
+
+    def digest_here(self, sop_uid: str) -> str | None:
+        """The indexed digest of ``sop_uid`` (None: not indexed), read on the writer's own
+        connection while the writer is idle: its cache is current (no other connection wrote
+        since), where a reader's cache is dropped after every commit. Raises WriterBusy when
+        the writer is writing (the caller reads elsewhere)."""
+        if not self._busy.acquire(blocking=False):
+            raise WriterBusy()
+        try:
+            raw = self._connection().connection.dbapi_connection
+            assert raw is not None
+            sql, params = self._digest_sql(sop_uid)
+            cursor = raw.cursor()
+            try:
+                cursor.execute(sql, params)
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+                raw.rollback()  # no transaction left open (SQLite here is in autocommit)
+        except Exception:
+            self._reset()
+            raise
+        finally:
+            self._busy.release()
+        return None if row is None else str(row[0])
+
+    def _digest_sql(self, sop_uid: str) -> tuple[str, Any]:
+        if self._digest_compiled is None:
+            self._digest_compiled = _DIGEST.compile(dialect=self._connection().dialect)
+        compiled = self._digest_compiled
+        if compiled.positional:
+            return str(compiled), (sop_uid,)
+        return str(compiled), {"sop_uid": sop_uid}
 
     def close(self) -> None:
         self._queue.put(None)

@@ -14,6 +14,7 @@ A-ASSOCIATE-RJ (rejected-permanent, service user, calling AE title not recognise
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import logging
@@ -47,6 +48,7 @@ from pacs_agent.db.index import (
     IndexTimeout,
     IndexWriter,
     StoredFile,
+    WriterBusy,
     decide_arrival,
     index_copy,
     index_instance,
@@ -261,6 +263,16 @@ def _studies(assoc: AssociationInfo) -> set[str]:
     return cast(set[str], assoc.scratch.setdefault("studies", set()))
 
 
+def _indexed_digest(receiver: Receiver, assoc: AssociationInfo, sop_uid: str) -> str | None:
+    """The digest of the indexed instance ``sop_uid`` (None: not indexed). A C-STORE alone
+    reads it on the idle index writer's connection (its cache is current); others on the
+    association's own read-only connection."""
+    if receiver.writer is not None and _STORING.alone():
+        with contextlib.suppress(WriterBusy):
+            return receiver.writer.digest_here(sop_uid)
+    return _lookup(receiver, assoc).digest(sop_uid)
+
+
 def _lookup(receiver: Receiver, assoc: AssociationInfo) -> DigestLookup:
     found = assoc.scratch.get("lookup")
     if found is None:
@@ -298,7 +310,7 @@ def _store_instance(
     header = decoded
     data = (prefix, request.dataset)
     try:
-        indexed = _lookup(receiver, assoc).digest(header.sop_instance_uid)
+        indexed = _indexed_digest(receiver, assoc, header.sop_instance_uid)
     except Exception as exc:
         log.error("C-STORE 0xA700: index unavailable: %s", type(exc).__name__)
         return OUT_OF_RESOURCES, f"index failed: {type(exc).__name__}"

@@ -11,9 +11,15 @@ from typing import Any
 
 import pytest
 from pydicom.uid import generate_uid
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
-from pacs_agent.db.index import IndexOutcome, IndexTimeout, IndexWriter, StoredFile
+from pacs_agent.db.index import (
+    IndexOutcome,
+    IndexTimeout,
+    IndexWriter,
+    StoredFile,
+    WriterBusy,
+)
 from pacs_agent.db.migrate import upgrade
 from pacs_agent.db.models import Instance
 from pacs_agent.db.session import make_engine, make_session_factory
@@ -203,3 +209,43 @@ def test_a_postgresql_lock_never_released_ends_index_here_in_an_error(postgres_u
         blocker.close()
         writer.close()
         engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'index.db'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+def test_digest_here_reads_the_indexed_digest_on_the_idle_writers_connection(
+    index_url: str,
+) -> None:
+    upgrade(index_url)
+    engine = make_engine(index_url)
+    writer = IndexWriter(make_session_factory(engine))
+    study, series = generate_uid(), generate_uid()
+    header = _header(study, series)
+    try:
+        assert writer.digest_here(str(header.sop_instance_uid)) is None
+        stored = StoredFile("0.dcm", 1, "ab" * 32, "1.2.840.10008.1.2.1", "A")
+        assert writer.index_here(header, stored, NOW) is IndexOutcome.NEW
+        assert writer.digest_here(str(header.sop_instance_uid)) == "ab" * 32
+        # No transaction is left open on the writer's connection: another writer can commit.
+        with make_session_factory(engine).begin() as s:
+            s.execute(text("UPDATE instances SET sha256 = :d"), {"d": "cd" * 32})
+        assert writer.digest_here(str(header.sop_instance_uid)) == "cd" * 32
+    finally:
+        writer.close()
+        engine.dispose()
+
+
+def test_digest_here_says_so_while_the_writer_is_writing(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'index.db'}"
+    upgrade(url)
+    writer = IndexWriter(make_session_factory(make_engine(url)))
+    try:
+        with writer._busy, pytest.raises(WriterBusy):  # as while a batch is written
+            writer.digest_here(generate_uid())
+    finally:
+        writer.close()
