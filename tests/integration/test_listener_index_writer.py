@@ -80,10 +80,14 @@ def test_concurrent_instances_are_indexed_and_a_bad_one_fails_alone(tmp_path: Pa
         assert s.scalar(select(func.count(Instance.id))) == 23
 
 
-def test_a_timed_out_row_still_queued_is_withdrawn_and_never_written(tmp_path: Path) -> None:
+@pytest.mark.parametrize("queued_with", ["index", "index_here"])
+def test_a_timed_out_row_still_queued_is_withdrawn_and_never_written(
+    tmp_path: Path, queued_with: str
+) -> None:
     """A C-STORE that gave up (0xA700) must not find its row committed later: the listener
     may have removed the file by then. A row the writer already took may still commit, and
-    says so."""
+    says so. ``index_here`` does not go around a busy writer: its row is queued and times out
+    like any other (it is not left hanging on the lock)."""
     url = f"sqlite:///{tmp_path / 'index.db'}"
     upgrade(url)
     engine = make_engine(url)
@@ -93,22 +97,23 @@ def test_a_timed_out_row_still_queued_is_withdrawn_and_never_written(tmp_path: P
     first, second = _header(study, series), _header(study, series)
     outcomes: dict[str, object] = {}
 
-    def send(name: str, header: InstanceHeader) -> None:
+    def send(name: str, header: InstanceHeader, call: Any) -> None:
         stored = StoredFile(f"{name}.dcm", 1, "0" * 64, "1.2.840.10008.1.2.1", "A")
         try:
-            outcomes[name] = writer.index(header, stored, NOW)
+            outcomes[name] = call(header, stored, NOW)
         except Exception as exc:
             outcomes[name] = exc
 
     blocker = engine.connect()
     blocker.begin()  # BEGIN IMMEDIATE: the write lock, held
     try:
-        taken = threading.Thread(target=send, args=("first", first))
+        taken = threading.Thread(target=send, args=("first", first, writer.index))
         taken.start()
         deadline = time.monotonic() + 5
-        while writer._queue.qsize() and time.monotonic() < deadline:
+        while not writer._busy.locked() and time.monotonic() < deadline:
             time.sleep(0.01)  # until the writer has taken the first row (and waits for the lock)
-        send("second", second)  # queued behind it, times out, is withdrawn
+        # Queued behind it, times out, is withdrawn.
+        send("second", second, getattr(writer, queued_with))
         taken.join(5)
     finally:
         blocker.rollback()
@@ -147,45 +152,6 @@ def test_index_here_commits_on_the_calling_thread_when_the_writer_is_idle(
     assert threads == {threading.current_thread().name}
     with session_factory() as s:
         assert s.scalar(select(func.count()).select_from(Instance)) == 3
-
-
-def test_index_here_queues_behind_a_busy_writer_and_keeps_its_timeout(tmp_path: Path) -> None:
-    """While the writer waits on a lock with another row, index_here does not go around it:
-    its row is queued and times out like any other (it is not left hanging)."""
-    url = f"sqlite:///{tmp_path / 'index.db'}"
-    upgrade(url)
-    engine = make_engine(url)
-    session_factory = make_session_factory(engine)
-    writer = IndexWriter(session_factory, timeout_s=0.5)
-    study, series = generate_uid(), generate_uid()
-    outcomes: dict[str, object] = {}
-
-    def send(name: str, header: InstanceHeader, here: bool) -> None:
-        stored = StoredFile(f"{name}.dcm", 1, "0" * 64, "1.2.840.10008.1.2.1", "A")
-        call = writer.index_here if here else writer.index
-        try:
-            outcomes[name] = call(header, stored, NOW)
-        except Exception as exc:
-            outcomes[name] = exc
-
-    blocker = engine.connect()
-    blocker.begin()  # BEGIN IMMEDIATE: the write lock, held
-    try:
-        taken = threading.Thread(target=send, args=("first", _header(study, series), False))
-        taken.start()
-        deadline = time.monotonic() + 5
-        while not writer._busy.locked() and time.monotonic() < deadline:
-            time.sleep(0.01)  # until the writer has the first row (and waits for the lock)
-        started = time.monotonic()
-        send("second", _header(study, series), True)
-        waited = time.monotonic() - started
-        taken.join(5)
-    finally:
-        blocker.rollback()
-        blocker.close()
-    writer.close()
-    assert isinstance(outcomes["second"], IndexTimeout) and outcomes["second"].cancelled
-    assert waited < 5
 
 
 def test_a_postgresql_lock_never_released_ends_index_here_in_an_error(postgres_url: str) -> None:
