@@ -126,11 +126,27 @@ def write_durable(
     parts: Sequence[Buffer] = [data] if isinstance(data, Buffer) else data
     _make_dirs(path.parent)
     taken = ahead.take() if ahead is not None else None
+    written = False
     if taken is not None:
-        tmp, fd = taken
-    else:
+        try:
+            _write_and_rename(taken[0], path, parts, taken[1])
+            written = True
+        except FileNotFoundError:
+            # The file made ahead is gone (its directory removed while the listener ran):
+            # one more try with a temp file of our own instead of a failed C-STORE.
+            _make_dirs(path.parent)
+        finally:
+            os.close(taken[1])
+    if not written:
         tmp = (temp_dir or path.parent) / f".incoming-{threading.get_ident()}-{path.name}.part"
-        fd = None
+        _write_and_rename(tmp, path, parts, None)
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def _write_and_rename(tmp: Path, path: Path, parts: Sequence[Buffer], fd: int | None) -> None:
+    """Write ``tmp`` (``fd``: already open for it) and rename it over ``path``; on any error
+    ``tmp`` is removed and ``path`` untouched."""
     try:
         if not _write_direct(tmp, parts, fd):
             _write_buffered(tmp, parts)
@@ -139,11 +155,6 @@ def write_durable(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    finally:
-        if fd is not None:
-            os.close(fd)
-    if sync_dir:
-        fsync_dir(path.parent)
 
 
 def _write_buffered(tmp: Path, parts: Sequence[Buffer]) -> None:

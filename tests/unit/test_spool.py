@@ -97,9 +97,9 @@ def test_durable_write_without_o_direct_or_too_large_for_it_goes_through_the_pag
     assert sorted(p.name for p in tmp_path.iterdir()) == ["large.dcm", "small.dcm"]
 
 
-def test_a_filesystem_that_refuses_o_direct_gets_the_buffered_write(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def refuse_o_direct(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A filesystem that refuses O_DIRECT (EINVAL at open), as tmpfs did before Linux 6.6."""
     real_open = os.open
 
     def refuse_direct(path: Any, flags: int, mode: int = 0o777) -> int:
@@ -108,6 +108,10 @@ def test_a_filesystem_that_refuses_o_direct_gets_the_buffered_write(
         return real_open(path, flags, mode)
 
     monkeypatch.setattr(spool_module.os, "open", refuse_direct)
+
+
+@pytest.mark.usefixtures("refuse_o_direct")
+def test_a_filesystem_that_refuses_o_direct_gets_the_buffered_write(tmp_path: Path) -> None:
     data = os.urandom(5000)
     write_durable(tmp_path / "a.dcm", data)
     assert (tmp_path / "a.dcm").read_bytes() == data
@@ -141,17 +145,10 @@ def test_store_writes_into_a_file_made_ahead_and_close_removes_the_untaken_ones(
     assert os.listdir(tmp_path / ".incoming") == []
 
 
+@pytest.mark.usefixtures("refuse_o_direct")
 def test_without_o_direct_nothing_is_made_ahead_and_store_makes_its_own_temp_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
-    real_open = os.open
-
-    def refuse_direct(path: Any, flags: int, mode: int = 0o777) -> int:
-        if flags & spool_module._O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, mode)
-
-    monkeypatch.setattr(spool_module.os, "open", refuse_direct)
     spool = Spool(tmp_path)
     spool.make_files_ahead(keep=3)
     try:
@@ -268,3 +265,20 @@ def test_a_directory_another_thread_just_made_is_still_synced_in_its_parent(
     monkeypatch.setattr(Path, "mkdir", made_meanwhile)
     write_durable(tmp_path / "study" / "x.dcm", b"data")
     assert tmp_path in synced  # the new "study" entry is made durable before anything relies on it
+
+
+def test_store_goes_on_when_the_files_made_ahead_were_removed_with_their_directory(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path)
+    spool.make_files_ahead(keep=3)
+    try:
+        _wait_for_files_ahead(tmp_path / ".incoming", 3)
+        shutil.rmtree(tmp_path / ".incoming")  # an administrator cleaning up, say
+        for n in range(5):  # more than were made ahead: every one of them is gone
+            rel = spool.relative_path("1.2.3", "1.2.3.4", f"1.2.3.4.{n + 1}")
+            spool.store(rel, [b"DICM", os.urandom(5000)])
+            assert (tmp_path / rel).stat().st_size == 5004
+    finally:
+        spool.close()
+    assert not list((tmp_path / ".incoming").glob("*.part"))
