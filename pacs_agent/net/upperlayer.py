@@ -720,8 +720,10 @@ class Association:
                 # complete, the release is in the index (the completeness timer runs from it).
                 log.info("association released: %s", info.summary())
                 self.service.released(info)
-                self._send(release_rp_pdu())
+                # The slot is free before the peer can see the release complete: a sender
+                # that opens its next association at once must not find it still taken.
                 self._leave()
+                self._send(release_rp_pdu())
                 self._linger()
                 raise Released()
             if pdu_type == A_ABORT_PDU:
