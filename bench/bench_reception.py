@@ -10,7 +10,10 @@ half a minute after a mass delete), which measured the cleanup, not the receiver
 median images/s of each receiver and its ratio to storescp. A fourth receiver, plain pynetdicom
 writing the encoded bytes with no fsync and no index (bench/plain_scp.py), shows what the
 library alone reaches in the same run. ``--rss N`` also sends N instances
-to one pacs-agent and reports the peak RSS (VmHWM) of its ``serve`` process.
+to one pacs-agent and reports the peak RSS (VmHWM) of its ``serve`` process. Each send also
+prints the share of CPU time the host stole from this VM meanwhile (``steal`` in /proc/stat):
+the Python receivers suffer from it far more than storescp, so a run with much of it says more
+about the host than about the receivers.
 
     .venv/bin/python bench/bench_reception.py --instances 500 --runs 3 --rss 2000
 
@@ -47,6 +50,23 @@ from pacs_agent.demo.synthetic import make_ct_study  # noqa: E402
 from tests.helpers.servers import Agent, Orthanc, free_port, wait_for  # noqa: E402
 
 NODELAY_ENV = {"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs since boot, from /proc/stat (zeros elsewhere). On a
+    VM, steal is the time the host gave our virtual CPUs to someone else: a run with much of
+    it measured the host, not the receiver."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of CPU time stolen by the host between two ``cpu_ticks`` readings."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else 0.0
 
 
 def make_instances(out_dir: Path, count: int) -> list[Path]:
@@ -249,6 +269,7 @@ def main() -> int:
     receivers["pacs-agent"] = lambda w: pacs_agent(w, agent_env)  # type: ignore[assignment,return-value]
 
     rates: dict[tuple[str, int], list[float]] = {}
+    steal: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench-reception-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
@@ -274,7 +295,9 @@ def main() -> int:
                         # Flush what earlier receivers left in the page cache, so nobody's
                         # fsync waits behind another receiver's writeback.
                         os.sync()
+                        ticks = cpu_ticks()
                         seconds = send(target, files, n_assoc)
+                        stolen = steal_share(ticks, cpu_ticks())
                         got = wait_for(
                             lambda t=target: t.count() >= len(files) and t.count(),
                             30,
@@ -282,8 +305,10 @@ def main() -> int:
                         )
                     rate = len(files) / seconds
                     rates.setdefault((name, n_assoc), []).append(rate)
+                    steal.append(stolen)
                     print(
-                        f"run {run + 1} {n_assoc} assoc {name:28s} {rate:7.1f} img/s ({got})",
+                        f"run {run + 1} {n_assoc} assoc {name:28s} {rate:7.1f} img/s ({got}), "
+                        f"CPU stolen by the host {stolen:.0%}",
                         flush=True,
                     )
         rss = peak_rss(root, args.rss, agent_env) if args.rss else None
@@ -303,6 +328,10 @@ def main() -> int:
             ref = statistics.median(rates[("storescp", n)])
             cells.append(f" {med:.0f} | {med / ref:.2f}x |")
         print(f"| {name} |" + "".join(cells))
+    print(
+        f"\nCPU time stolen by the host during the sends: median {statistics.median(steal):.0%}, "
+        f"at most {max(steal):.0%}"
+    )
     if rss is not None:
         print(f"\npacs-agent peak RSS receiving {args.rss} instances: {rss[0]:.0f} MB ")
         print(f"(pynetdicom sender, 1 association, {rss[1]:.0f} img/s)")
@@ -312,6 +341,7 @@ def main() -> int:
                 {
                     "rates": {f"{k[0]}@{k[1]}": v for k, v in rates.items()},
                     "rss_mb": rss[0] if rss else None,
+                    "steal": steal,
                 },
                 indent=2,
             )
