@@ -108,14 +108,16 @@ class Started:
 
 
 @contextmanager
-def storescp(workdir: Path) -> Iterator[Started]:
+def storescp(workdir: Path, ignore: bool = False) -> Iterator[Started]:
+    """dcmtk storescp, one process per association; ``ignore``: receive and discard."""
     exe = shutil.which("storescp")
     assert exe, "dcmtk storescp is required"
     out = workdir / "storescp"
     out.mkdir(parents=True)
     port = free_port()
     proc = subprocess.Popen(
-        [exe, "--fork", "-od", str(out), "-aet", "STORESCP", str(port)],
+        [exe, "--fork", "-od", str(out), "-aet", "STORESCP", str(port)]
+        + (["--ignore"] if ignore else []),
         env=NODELAY_ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -7,8 +7,9 @@ SQLite index, index writer): header walk, duplicate lookup, SHA-256, O_DIRECT wr
 directory fsync, index commit. No socket, no sender: a ceiling for what the listener can reach
 over 1 and over 4 associations on this machine. Beside it, in the same run and in an order
 shuffled per run, dcmtk storescp receiving the same files from storescu over 1 and 4
-associations (the reception benchmark's reference), and the same store path with the file and
-directory fsync skipped (the index commit still syncs), to show what the flushes cost. Each
+associations (the reception benchmark's reference), storescp ``--ignore`` (receives and
+discards: the pace of storescu itself), and the same store path with the file and directory
+fsync skipped (the index commit still syncs), to show what the flushes cost. Each
 measurement prints the share of CPU time the host stole from this VM meanwhile.
 
     .venv/bin/python bench/bench_store_path.py --runs 3
@@ -37,6 +38,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 VARIANTS = ("durable", "no file/dir fsync")
+#: storescp storing (the reference), and receiving but discarding (storescu's own pace).
+REFERENCES = ("storescp", "storescp --ignore")
 
 
 def measure_store_path(
@@ -126,10 +129,12 @@ def run_store_path(files_dir: Path, workdir: Path, threads: int, variant: str) -
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def run_storescp(files: list[Path], workdir: Path, associations: int) -> dict[str, float]:
+def run_storescp(
+    files: list[Path], workdir: Path, associations: int, ignore: bool = False
+) -> dict[str, float]:
     import bench_reception
 
-    with bench_reception.storescp(workdir) as target:
+    with bench_reception.storescp(workdir, ignore=ignore) as target:
         os.sync()
         ticks = bench_reception.cpu_ticks()
         seconds = bench_reception.send(target, files, associations)
@@ -155,15 +160,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-store-path-") as tmp:
         root = Path(tmp)
         files = bench_reception.make_instances(root / "in", args.instances)
-        cases = [("storescp", n) for n in (1, 4)] + [(v, n) for v in VARIANTS for n in (1, 4)]
+        cases = [(r, n) for r in REFERENCES for n in (1, 4)]
+        cases += [(v, n) for v in VARIANTS for n in (1, 4)]
         for run in range(args.runs):
             order = list(cases)
             random.Random(run).shuffle(order)
             for name, n in order:
                 workdir = root / f"run{run}-{n}-{name.replace(' ', '-').replace('/', '-')}"
                 workdir.mkdir()
-                if name == "storescp":
-                    figure = run_storescp(files, workdir, n)
+                if name in REFERENCES:
+                    figure = run_storescp(files, workdir, n, ignore=name != "storescp")
                 else:
                     os.sync()
                     figure = run_store_path(root / "in", workdir, n, name)
@@ -182,18 +188,25 @@ def main() -> int:
     print("| what | 1 thread/assoc img/s | ratio | 4 img/s | ratio | CPU ms/instance (1 / 4) |")
     print("|---|---|---|---|---|---|")
     reference = {n: statistics.median(f["rate"] for f in figures[("storescp", n)]) for n in (1, 4)}
-    for name in ("storescp", *VARIANTS):
+    for name in (*REFERENCES, *VARIANTS):
         cells = []
         cpu = []
         for n in (1, 4):
             rate = statistics.median(f["rate"] for f in figures[(name, n)])
             cells.append(f" {rate:.0f} | {rate / reference[n]:.2f}x |")
-            if name != "storescp":
+            if name not in REFERENCES:
                 user = statistics.median(f["user_ms"] for f in figures[(name, n)])
                 system = statistics.median(f["sys_ms"] for f in figures[(name, n)])
                 cpu.append(f"{user:.2f} user + {system:.2f} sys")
-        label = "storescp (storescu over loopback)" if name == "storescp" else f"store path, {name}"
+        label = f"{name} (storescu over loopback)" if name in REFERENCES else f"store path, {name}"
         print(f"| {label} |{''.join(cells)} {' / '.join(cpu)} |")
+    pace = statistics.median(f["rate"] for f in figures[("storescp --ignore", 1)])
+    alone = statistics.median(f["rate"] for f in figures[("durable", 1)])
+    bound = 1 / (1 / pace + 1 / alone)
+    print(
+        f"\nOne association, storescu's pace and the durable store path one after the other "
+        f"(receiving for free): at most {bound:.0f} img/s, {bound / reference[1]:.2f}x storescp"
+    )
     steal = [f["steal"] for runs in figures.values() for f in runs]
     print(
         f"\nCPU time stolen by the host during the measurements: median "
