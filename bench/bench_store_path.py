@@ -13,6 +13,10 @@ fsync skipped (the index commit still syncs), to show what the flushes cost. Eac
 measurement prints the share of CPU time the host stole from this VM meanwhile.
 
     .venv/bin/python bench/bench_store_path.py --runs 3
+    .venv/bin/python bench/bench_store_path.py --stages
+
+``--stages`` instead times each stage of the durable store path from one thread (the CPU time
+of the thread that runs it, and wall time), to show where an instance's time goes.
 
 Each measurement runs in a fresh process. Not run by pytest: a ceiling, not a timed test.
 """
@@ -46,6 +50,7 @@ def measure_store_path(
     files: list[Path], workdir: Path, threads: int, variant: str
 ) -> dict[str, float]:
     """In this process: store every file's data set through the listener's C-STORE handler."""
+    stages = _time_stages() if variant == "stages" else None  # before the names are imported
     from pydicom import dcmread
     from pydicom.uid import UID
 
@@ -110,12 +115,64 @@ def measure_store_path(
     if failures:
         raise RuntimeError(f"{len(failures)} C-STOREs failed, first: {failures[0]}")
     n = len(requests)
-    return {
+    figure = {
         "rate": n / seconds,
         "user_ms": (after.ru_utime - before.ru_utime) * 1000 / n,
         "sys_ms": (after.ru_stime - before.ru_stime) * 1000 / n,
         "steal": stolen,
     }
+    for name, (cpu, wall) in (stages or {}).items():
+        figure[f"cpu:{name}"] = cpu * 1000 / n
+        figure[f"wall:{name}"] = wall * 1000 / n
+    return figure
+
+
+#: The stages timed by ``--stages``: (label, module, attribute, method of).
+_STAGES = (
+    ("C-STORE handler, in all", "pacs_agent.net.scp", "store_instance", None),
+    ("header walk and checks", "pacs_agent.net.scp", "_decode", None),
+    ("duplicate lookup", "pacs_agent.net.scp", "_indexed_digest", None),
+    ("SHA-256 (on a helper thread, beside the write)", "pacs_agent.net.scp", "_sha256", None),
+    ("spool: file and directory entry", "pacs_agent.storage.spool", "store", "Spool"),
+    (
+        "of which O_DIRECT write, cut to size, fsync",
+        "pacs_agent.storage.spool",
+        "_write_direct",
+        None,
+    ),
+    ("of which directory fsync (shared)", "pacs_agent.storage.spool", "sync", "DirectorySync"),
+    ("index row commit", "pacs_agent.net.scp", "index", "Receiver"),
+)
+
+
+def _time_stages() -> dict[str, list[float]]:
+    """Wrap each stage in timers: CPU time of the thread that runs it, and wall time."""
+    import functools
+    import importlib
+    from collections.abc import Callable
+    from typing import Any
+
+    totals: dict[str, list[float]] = {}
+    for label, module_name, attribute, owner_name in _STAGES:
+        module = importlib.import_module(module_name)
+        owner = getattr(module, owner_name) if owner_name else module
+        inner = getattr(owner, attribute)
+        total = totals[label] = [0.0, 0.0]
+
+        def timed(inner: Callable[..., Any], total: list[float]) -> Callable[..., Any]:
+            @functools.wraps(inner)
+            def call(*args: Any, **kwargs: Any) -> Any:
+                cpu, wall = time.thread_time(), time.perf_counter()
+                try:
+                    return inner(*args, **kwargs)
+                finally:
+                    total[0] += time.thread_time() - cpu
+                    total[1] += time.perf_counter() - wall
+
+            return call
+
+        setattr(owner, attribute, timed(inner, total))
+    return totals
 
 
 def run_store_path(files_dir: Path, workdir: Path, threads: int, variant: str) -> dict[str, float]:
@@ -146,6 +203,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=500)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--stages",
+        action="store_true",
+        help="instead: where one thread's time goes, stage by stage (timers around each)",
+    )
     parser.add_argument("--one", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -155,6 +217,9 @@ def main() -> int:
         return 0
 
     import bench_reception
+
+    if args.stages:
+        return print_stages(args.instances, args.runs)
 
     figures: dict[tuple[str, int], list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-store-path-") as tmp:
@@ -212,6 +277,33 @@ def main() -> int:
         f"\nCPU time stolen by the host during the measurements: median "
         f"{statistics.median(steal):.0%}, at most {max(steal):.0%}"
     )
+    return 0
+
+
+def print_stages(instances: int, runs: int) -> int:
+    """The durable store path from one thread, with a timer around each stage."""
+    import bench_reception
+
+    figures = []
+    with tempfile.TemporaryDirectory(prefix="bench-store-path-") as tmp:
+        root = Path(tmp)
+        bench_reception.make_instances(root / "in", instances)
+        for run in range(runs):
+            workdir = root / f"stages{run}"
+            workdir.mkdir()
+            os.sync()
+            figures.append(run_store_path(root / "in", workdir, 1, "stages"))
+            print(f"run {run + 1}: {figures[-1]['rate']:.1f} img/s", flush=True)
+    print(f"\n{instances} CT instances 512x512 int16, one thread, median of {runs} runs")
+    print("| stage | CPU ms/instance | wall ms/instance |")
+    print("|---|---|---|")
+    for label, *_ in _STAGES:
+        cpu = statistics.median(f[f"cpu:{label}"] for f in figures)
+        wall = statistics.median(f[f"wall:{label}"] for f in figures)
+        print(f"| {label} | {cpu:.3f} | {wall:.3f} |")
+    user = statistics.median(f["user_ms"] for f in figures)
+    system = statistics.median(f["sys_ms"] for f in figures)
+    print(f"\nProcess CPU per instance: {user:.2f} ms user + {system:.2f} ms system (all threads)")
     return 0
 
 
