@@ -274,6 +274,11 @@ def test_full_disk_answers_a700_and_indexes_nothing_partial(
     assert not list(tiny_spool.rglob("*.part")), "a partial temp file was left behind"
     on_disk = {p.name for p in tiny_spool.rglob("*.dcm")}
     assert on_disk == {Path(r.path).name for r in rows}
+    # Nothing of the refusals stays in the way (no temp file, no index state): with room on
+    # the disk again the next instance is stored and indexed.
+    lst.spool.root = tmp_path / "roomy-spool"
+    assert send(lst.port, _study(1, seed=25)) == [0]
+    assert lst.count(Instance) == stored + 1
 
 
 def test_database_that_is_gone_answers_a700_and_stores_nothing(
