@@ -330,6 +330,13 @@ def main() -> int:
             ref = statistics.median(rates[("storescp", n)])
             cells.append(f" {med:.0f} | {med / ref:.2f}x |")
         print(f"| {name} |" + "".join(cells))
+    if "orthanc" in names:
+        for n in args.associations:
+            pairs = list(zip(rates[("pacs-agent", n)], rates[("orthanc", n)], strict=True))
+            above = sum(agent > orthanc for agent, orthanc in pairs)
+            print(
+                f"pacs-agent above Orthanc over {n} association(s) in {above} of {len(pairs)} runs"
+            )
     print(
         f"\nCPU time stolen by the host during the sends: median {statistics.median(steal):.0%}, "
         f"at most {max(steal):.0%}"
