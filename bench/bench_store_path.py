@@ -29,6 +29,7 @@ import os
 import platform
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -227,6 +228,7 @@ def main() -> int:
         files = bench_reception.make_instances(root / "in", args.instances)
         cases = [(r, n) for r in REFERENCES for n in (1, 4)]
         cases += [(v, n) for v in VARIANTS for n in (1, 4)]
+        _check_disk(root, sum(f.stat().st_size for f in files) * len(cases) * args.runs)
         for run in range(args.runs):
             order = list(cases)
             random.Random(run).shuffle(order)
@@ -280,6 +282,18 @@ def main() -> int:
     return 0
 
 
+def _check_disk(root: Path, needed: int) -> None:
+    """Every measurement's files are kept until the end (deleting them between measurements
+    slows the next one's file creation, see bench_reception.py): refuse to start without
+    the room."""
+    free = shutil.disk_usage(root).free
+    if needed > free * 0.9:
+        raise SystemExit(
+            f"not enough free disk ({needed / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB "
+            "free): fewer --runs or --instances"
+        )
+
+
 def print_stages(instances: int, runs: int) -> int:
     """The durable store path from one thread, with a timer around each stage."""
     import bench_reception
@@ -287,7 +301,8 @@ def print_stages(instances: int, runs: int) -> int:
     figures = []
     with tempfile.TemporaryDirectory(prefix="bench-store-path-") as tmp:
         root = Path(tmp)
-        bench_reception.make_instances(root / "in", instances)
+        files = bench_reception.make_instances(root / "in", instances)
+        _check_disk(root, sum(f.stat().st_size for f in files) * runs)
         for run in range(runs):
             workdir = root / f"stages{run}"
             workdir.mkdir()
