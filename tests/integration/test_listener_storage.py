@@ -6,11 +6,13 @@ Compressed transfer syntaxes byte for byte, duplicates policies, late instances,
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
@@ -279,6 +281,41 @@ def test_full_disk_answers_a700_and_indexes_nothing_partial(
     lst.spool.root = tmp_path / "roomy-spool"
     assert send(lst.port, _study(1, seed=25)) == [0]
     assert lst.count(Instance) == stored + 1
+
+
+def test_a_full_disk_under_files_made_ahead_fails_the_write_and_leaves_nothing_behind(
+    tiny_spool: Path,
+) -> None:
+    """The listener's spool writes into files made ahead of time (O_DIRECT, tmpfs has it):
+    a real full disk fails the write with ENOSPC, the taken file is removed, the instances
+    stored before are whole, and nothing half-written stays in ``.incoming``."""
+    spool = Spool(tiny_spool)
+    spool.make_files_ahead(keep=4)
+    incoming = tiny_spool / ".incoming"
+    stored: list[Path] = []
+    data = os.urandom(300 * 1024)
+    try:
+        deadline = time.monotonic() + 10
+        while len(list(incoming.glob("*.ahead"))) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        made_ahead = {p.name for p in incoming.glob("*.ahead")}
+        assert len(made_ahead) == 4
+        with pytest.raises(OSError) as failure:
+            for n in range(1, 10):  # 9 x 300 KiB: more than 1 MiB holds
+                relative = spool.relative_path("1.2.3", "1.2.3.4", f"1.2.3.4.{n}")
+                spool.store(relative, data)
+                stored.append(relative)
+        assert failure.value.errno == errno.ENOSPC
+        assert 0 < len(stored) < 9
+        assert made_ahead - {p.name for p in incoming.glob("*.ahead")}, "none was taken"
+        for relative in stored:
+            assert spool.path(relative).read_bytes() == data
+        assert not spool.path(
+            spool.relative_path("1.2.3", "1.2.3.4", f"1.2.3.4.{len(stored) + 1}")
+        ).exists()
+    finally:
+        spool.close()
+    assert sorted(os.listdir(incoming)) == []
 
 
 def test_database_that_is_gone_answers_a700_and_stores_nothing(
