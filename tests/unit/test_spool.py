@@ -6,6 +6,8 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +119,18 @@ def test_a_filesystem_that_refuses_o_direct_gets_the_buffered_write(tmp_path: Pa
     assert (tmp_path / "a.dcm").read_bytes() == data
 
 
+@contextmanager
+def _files_ahead(spool: Spool, keep: int) -> Iterator[Path]:
+    """The spool with files made ahead in its ``.incoming``; once closed, none may be left."""
+    spool.make_files_ahead(keep=keep)
+    incoming = spool.root / ".incoming"
+    try:
+        yield incoming
+    finally:
+        spool.close()
+    assert os.listdir(incoming) == []
+
+
 def _wait_for_files_ahead(incoming: Path, count: int) -> list[str]:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -131,18 +145,14 @@ def test_store_writes_into_a_file_made_ahead_and_close_removes_the_untaken_ones(
     tmp_path: Path,
 ) -> None:
     spool = Spool(tmp_path)
-    spool.make_files_ahead(keep=3)
-    try:
-        before = _wait_for_files_ahead(tmp_path / ".incoming", 3)
+    with _files_ahead(spool, keep=3) as incoming:
+        before = _wait_for_files_ahead(incoming, 3)
         data = os.urandom(512 * 1024 + 300)
         rel = spool.relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
         spool.store(rel, [data[:132], memoryview(data)[132:]])
         assert (tmp_path / rel).read_bytes() == data
-        after = _wait_for_files_ahead(tmp_path / ".incoming", 3)
+        after = _wait_for_files_ahead(incoming, 3)
         assert before[0] not in after  # the first one ready was taken, and replaced
-    finally:
-        spool.close()
-    assert os.listdir(tmp_path / ".incoming") == []
 
 
 @pytest.mark.usefixtures("refuse_o_direct")
@@ -150,15 +160,11 @@ def test_without_o_direct_nothing_is_made_ahead_and_store_makes_its_own_temp_fil
     tmp_path: Path,
 ) -> None:
     spool = Spool(tmp_path)
-    spool.make_files_ahead(keep=3)
-    try:
+    with _files_ahead(spool, keep=3) as incoming:
         rel = spool.relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
         spool.store(rel, b"DICM-data")
         assert (tmp_path / rel).read_bytes() == b"DICM-data"
-        assert list((tmp_path / ".incoming").glob("*.ahead")) == []
-    finally:
-        spool.close()
-    assert os.listdir(tmp_path / ".incoming") == []
+        assert list(incoming.glob("*.ahead")) == []
 
 
 def test_a_file_made_ahead_that_the_write_fails_on_is_removed_and_the_target_untouched(
@@ -167,15 +173,11 @@ def test_a_file_made_ahead_that_the_write_fails_on_is_removed_and_the_target_unt
     spool = Spool(tmp_path)
     rel = spool.relative_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
     spool.store(rel, b"first")
-    spool.make_files_ahead(keep=2)
-    try:
-        _wait_for_files_ahead(tmp_path / ".incoming", 2)
+    with _files_ahead(spool, keep=2) as incoming:
+        _wait_for_files_ahead(incoming, 2)
         with pytest.raises(TypeError):
             spool.store(rel, [b"DICM", object()])  # type: ignore[list-item]
         assert (tmp_path / rel).read_bytes() == b"first"
-    finally:
-        spool.close()
-    assert os.listdir(tmp_path / ".incoming") == []
 
 
 def test_directory_sync_shares_flushes_and_each_caller_waits_for_one_begun_after_it(
