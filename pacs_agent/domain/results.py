@@ -33,7 +33,7 @@ class SegmentSpec:
     label: str
     category: CodedConcept
     type: CodedConcept
-    detection: DetectionCriteria = DetectionCriteria()
+    detection: DetectionCriteria = field(default_factory=DetectionCriteria)
 
 
 @dataclass(frozen=True)
