@@ -86,11 +86,14 @@ def _round_trip(ds: Dataset) -> Dataset:
 
 #: dciodvfy warnings that may remain: inherited from the sources (the dcmqi CT's one-component
 #: patient name), or from dicom3tools' 2022 tables, which predate Device UID (0018,1002) in the
-#: Contributing Equipment Sequence of the SOP Common module (the IHE AIR model identity).
+#: Contributing Equipment Sequence of the SOP Common module (the IHE AIR model identity), or
+#: the project's private coding scheme, which is by definition none of the standard's defined
+#: terms (it is identified in the SR's Coding Scheme Identification Sequence).
 ALLOWED_WARNINGS = (
     "Retired Person Name form",
     "(0x0018,0x1002) UI Device UID",
     "attributes not present in standard DICOM IOD - this is a Standard Extended SOP Class",
+    "Unrecognized defined term <99PACSAGENT> for value 1 of attribute <Coding Scheme Designator>",
 )
 
 
