@@ -4,6 +4,10 @@ Pure functions: datasets and arrays in, numbers out. The convention everywhere i
 ``pacs_agent.dicom`` is that ``mask[i]`` belongs to ``datasets[i]`` (in the order the caller
 passes them), and that a mask is a *label map*: the voxels whose value is a segment's
 ``SegmentSpec.number`` belong to that segment, 0 is background.
+
+:func:`measure_segments` also finds each segment's connected components (scipy, the worker's
+dependency, imported only when it runs) and applies the model card's thresholds
+(``pacs_agent.domain.detection``).
 """
 
 from __future__ import annotations
