@@ -4,8 +4,9 @@
 volume (:func:`pacs_agent.dicom.volume.plan_volume`), each with a reason made for the job list.
 :func:`run_model` runs the bundle -- loaded once per process and device through
 :class:`RunnerCache` -- and turns its output into the result model: segment statistics on the
-source frames for a segmentation, :class:`ClassificationResult` (coded finding, probability,
-the card's threshold) for a classification.
+source frames for a segmentation (connected components below the card's minimum dropped,
+detection at the card's volume threshold), :class:`ClassificationResult` (coded finding,
+probability, the card's threshold) for a classification.
 
 Devices: the ``device`` setting is resolved once per process (``auto`` -> ``cuda`` when CUDA is
 present). When CUDA runs out of memory, the bundle runner has already released the cached GPU
@@ -26,7 +27,7 @@ import torch
 from pydicom import Dataset
 
 from pacs_agent.catalog import ModelCard
-from pacs_agent.dicom.geometry import segment_results
+from pacs_agent.dicom.geometry import measure_segments
 from pacs_agent.dicom.volume import SeriesVolumeError, VolumePlan, frames_of, plan_volume
 from pacs_agent.domain.results import ClassificationResult, SegmentResult
 from workers.runtime.bundle import BundleRunner, OutOfMemoryError, resolve_device
@@ -51,7 +52,9 @@ class ModelOutput:
     """What one model said about one series."""
 
     plan: VolumePlan
-    mask: npt.NDArray[np.uint8] | None  # (len(datasets), rows, cols) for a segmentation
+    #: (len(datasets), rows, cols) for a segmentation: the model's labels without what the
+    #: card drops (small components, segments not detected); what the SEG carries.
+    mask: npt.NDArray[np.uint8] | None
     segments: tuple[SegmentResult, ...]
     classifications: tuple[ClassificationResult, ...]
     device: str
@@ -148,9 +151,8 @@ def _run_on(
             "segmentation of multi-frame objects is not supported yet (the SEG references "
             "single-frame instances)"
         )
-    mask = runner.segment_series(datasets, plan)
-    segments = segment_results(mask, datasets, card.segments)
-    return ModelOutput(plan, mask, segments, (), str(runner.device))
+    measured = measure_segments(runner.segment_series(datasets, plan), datasets, card.segments)
+    return ModelOutput(plan, measured.mask, measured.segments, (), str(runner.device))
 
 
 def run_model(
