@@ -25,7 +25,9 @@ A card, in full::
     photometric = []                 # PhotometricInterpretation (empty: any)
     min_slices = 1                   # image planes the model needs
     max_slices = 0                   # 0: no upper limit
-    gantry_tilt = false              # accept tilted CT (the volume is then sheared)
+    gantry_tilt = "resample"         # tilted CT: "resample" onto an orthogonal grid (labels
+                                     # mapped back onto the tilted slices), "reject" it, or
+                                     # hand the model the "sheared" grid as acquired
 
     [runtime]
     overrides = { "displayable_configs#highres" = false }
@@ -64,6 +66,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydicom import Dataset
 
+from pacs_agent.dicom.volume import GantryTilt
 from pacs_agent.domain.detection import DetectionCriteria
 from pacs_agent.domain.results import AlgorithmSpec, CodedConcept, SegmentSpec
 from pacs_agent.domain.uids import device_uid
@@ -150,7 +153,15 @@ class _Accepts(BaseModel):
     photometric: list[str] = Field(default_factory=list)
     min_slices: int = Field(1, ge=1)
     max_slices: int = Field(0, ge=0)
-    gantry_tilt: bool = False
+    gantry_tilt: GantryTilt = "resample"
+
+    @field_validator("gantry_tilt", mode="before")
+    @classmethod
+    def _legacy_tilt(cls, v: Any) -> Any:
+        # Cards written before tilt correction said true (sheared affine) or false (refuse).
+        if isinstance(v, bool):
+            return "sheared" if v else "reject"
+        return v
 
     @field_validator("modality", "body_part", "photometric")
     @classmethod
@@ -184,7 +195,7 @@ class AcceptsSpec:
     photometric: tuple[str, ...] = ()
     min_slices: int = 1
     max_slices: int = 0
-    gantry_tilt: bool = False
+    gantry_tilt: GantryTilt = "resample"
 
     def rejects(self, attributes: Mapping[str, Any] | Dataset, num_images: int) -> str | None:
         """Why a series with these DICOM attributes (keyword -> value, from its first instance)

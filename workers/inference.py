@@ -130,6 +130,7 @@ def _produce(ctx: WorkerContext, job_id: int) -> dict[str, str | float | None]:
         segments=segments,
         uids=uids,
         classifications=output.classifications,
+        processing_notes=output.processing_notes,
     )
     seg = (
         build_segmentation(datasets, mask, result, include_empty=settings.export.include_empty_seg)

@@ -21,6 +21,9 @@ Content tree:
   finding type = the coded finding, the qualitative evaluation "<finding> = Present" when the
   probability reaches the model card's threshold and "Absent" below it, and the measurement
   "Probability" (DCM 122157, unit "no units" {1}) with the algorithm identification.
+
+The algorithm identification carries ``result.processing_notes`` as TID 4019 Algorithm
+Parameters (e.g. that a gantry-tilted input was resampled onto an orthogonal grid).
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ def _algorithm_id(result: JobResult) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(
         name=result.algorithm.name,
         version=result.algorithm.version,
+        parameters=list(result.processing_notes) or None,
         family=codes.cid7162.ArtificialIntelligence,
         manufacturer=result.algorithm.manufacturer,
     )

@@ -105,3 +105,6 @@ class JobResult:
     uids: ResultUIDs
     classifications: tuple[ClassificationResult, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
+    #: What was done to the input before the model saw it (e.g. gantry tilt resampled);
+    #: recorded as TID 4019 Algorithm Parameters in the SR.
+    processing_notes: tuple[str, ...] = ()

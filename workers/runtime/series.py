@@ -59,6 +59,22 @@ class ModelOutput:
     classifications: tuple[ClassificationResult, ...]
     device: str
 
+    @property
+    def processing_notes(self) -> tuple[str, ...]:
+        """What was done to the input before the model saw it (recorded in the SR)."""
+        plan = self.plan
+        if plan.resampled:
+            return (
+                f"input resampled: gantry tilt of {plan.tilt_deg:.1f} degrees corrected onto an "
+                f"orthogonal grid ({plan.spacing[2]:.2f} mm along the slice normal, linear "
+                "interpolation); labels mapped back onto the acquired tilted slices",
+            )
+        if plan.tilted:
+            return (
+                f"input on its acquired sheared grid (gantry tilt {plan.tilt_deg:.1f} degrees)",
+            )
+        return ()
+
 
 class RunnerCache:
     """Bundle runners of one worker process, loaded once per (bundle, version, device).
@@ -107,7 +123,7 @@ def check_series(card: ModelCard, datasets: Sequence[Dataset]) -> VolumePlan:
         return plan_volume(
             datasets,
             min_slices=card.accepts.min_slices,
-            allow_gantry_tilt=card.accepts.gantry_tilt,
+            gantry_tilt=card.accepts.gantry_tilt,
         )
     except SeriesVolumeError as exc:
         raise ModelInputError(f"series cannot be made into one volume: {exc}") from exc
