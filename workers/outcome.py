@@ -3,7 +3,8 @@
 A transient error is one a later try may not meet: a database or broker connection dropped, a
 file system hiccup, the GPU out of memory because another job held it. Everything else (bad
 input, an unknown model, a bug, the soft time limit) is permanent: the job fails with its
-reason, visible in ``pacs-agent jobs show``.
+reason, visible in ``pacs-agent jobs show``, and (``export.failure_notices``, on by default) a
+failure notice SR goes to the export destinations so the PACS side knows no result will come.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from pacs_agent.db.jobs import transition
 from pacs_agent.db.models import Job, utcnow
 from pacs_agent.domain.jobs import JobStatus, TransientError, retry_delay
+from pacs_agent.notices import write_failure_notice
 from pacs_agent.scheduler import time_limits
 
 if TYPE_CHECKING:
@@ -114,4 +116,24 @@ def fail_or_retry(ctx: WorkerContext, job_id: int, exc: BaseException) -> str:
             updated_at=now,
             lease_expires_at=None,
         )
+    send_failure_notice(ctx, job_id)
     return "failed"
+
+
+def send_failure_notice(ctx: WorkerContext, job_id: int) -> None:
+    """Tell the PACS that the job failed for good: write its failure notice
+    (:mod:`pacs_agent.notices`) and queue the export that delivers it. Never raises: the job
+    has failed already, and a notice that cannot be made is logged and noted on the job."""
+    if not ctx.settings.export.failure_notices or not ctx.settings.export.destinations:
+        return
+    try:
+        path = write_failure_notice(ctx.settings, ctx.session_factory, job_id)
+    except Exception as exc:
+        log.error("job %d: failure notice not written: %s", job_id, exc, exc_info=exc)
+        return
+    if path is None:
+        return
+    try:
+        ctx.dispatcher.send_export(job_id)
+    except Exception as exc:
+        log.warning("job %d: could not queue the failure notice (%s)", job_id, exc)
