@@ -17,11 +17,13 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import pydicom
 from pydicom import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 #: The tilt of the derived series, degrees (a usual head CT tilt).
 TILT_DEG = 18.5
@@ -87,3 +89,42 @@ def sphere_inside_series(
     header.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, math.cos(angle), math.sin(angle)]
     centre = pixel_centres(header)[int(middle.Rows) // 2, int(middle.Columns) // 2]
     return Sphere((float(centre[0]), float(centre[1]), float(centre[2])), radius_mm)
+
+
+def write_tilted_study(
+    workdir: Path, tag: str, *, drop: Sequence[int] = (), radius_mm: float = 12.0
+) -> tuple[list[Path], Sphere, list[Dataset]]:
+    """The tilted series as a study of its own (UIDs derived from ``tag``), written as files.
+
+    The real CT is repaired first (tests/helpers/realct.py); ``drop`` leaves out slices by
+    their index along the table. Returns (files, the sphere, the datasets written).
+    """
+    from tests.helpers.realct import REAL_CT_DIR, repair_real_ct
+
+    repaired = repair_real_ct(REAL_CT_DIR, workdir / f"{tag}-repaired")
+    real = sorted(
+        (pydicom.dcmread(p) for p in repaired), key=lambda ds: float(ds.ImagePositionPatient[2])
+    )
+    sphere = sphere_inside_series(real, radius_mm=radius_mm)
+    series = tilted_series(real, sphere)
+    entropy = ["pacs-agent tilted test study", tag]
+    study_uid = generate_uid(entropy_srcs=[*entropy, "study"])
+    series_uid = generate_uid(entropy_srcs=[*entropy, "series"])
+    out_dir = workdir / tag
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+    kept: list[Dataset] = []
+    for index, ds in enumerate(series):
+        if index in drop:
+            continue
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[*entropy, str(index)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.SeriesDescription = "Derived tilted test series (not a real tilted acquisition)"
+        ds.PatientID = f"TILT-{tag}"
+        path = out_dir / f"{index:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+        kept.append(ds)
+    return files, sphere, kept
