@@ -14,6 +14,7 @@ be read gets no notice (there is no patient or study to address it to); its reas
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from pydicom import Dataset, dcmread
@@ -25,13 +26,12 @@ from pacs_agent.catalog import CatalogError, load_catalog
 from pacs_agent.config import Settings
 from pacs_agent.db.models import Instance, Job, Series, Study, utcnow
 from pacs_agent.dicom.io import write_dataset
-from pacs_agent.dicom.notice import build_failure_notice
 from pacs_agent.domain.jobs import JobStatus
 from pacs_agent.domain.results import AlgorithmSpec
 from pacs_agent.domain.uids import device_uid, failure_notice_uids
 from pacs_agent.storage.spool import Spool
 
-__all__ = ["write_failure_notice"]
+__all__ = ["send_failure_notice", "write_failure_notice"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,8 @@ def write_failure_notice(
             )
         log.warning("job %d: no failure notice (no readable source instance)", job_id)
         return None
+    from pacs_agent.dicom.notice import build_failure_notice  # highdicom: only when needed
+
     algorithm = _algorithm(settings, name, version)
     notice_series, notice_uid = failure_notice_uids(
         settings.uid_root, study_uid, series_uid, name, version or "unknown"
@@ -119,3 +121,30 @@ def write_failure_notice(
         )
     log.info("job %d: failure notice %s written", job_id, notice_uid)
     return settings.results_dir / relative
+
+
+def send_failure_notice(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    send_export: Callable[[int], None],
+    job_id: int,
+) -> bool:
+    """Tell the destinations that job ``job_id`` failed for good: write its notice and queue
+    the export that delivers it (``send_export``, e.g. ``Dispatcher.send_export``). True when
+    a notice was queued. Never raises: the job has failed already; a notice that cannot be made
+    or queued is logged (the export sweeper does not pick up failed jobs, so it is not sent)."""
+    if not settings.export.failure_notices or not settings.export.destinations:
+        return False
+    try:
+        path = write_failure_notice(settings, session_factory, job_id)
+    except Exception as exc:
+        log.error("job %d: failure notice not written: %s", job_id, exc, exc_info=exc)
+        return False
+    if path is None:
+        return False
+    try:
+        send_export(job_id)
+    except Exception as exc:
+        log.warning("job %d: could not queue the failure notice (%s)", job_id, exc)
+        return False
+    return True

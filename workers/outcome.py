@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from pacs_agent.db.jobs import transition
 from pacs_agent.db.models import Job, utcnow
 from pacs_agent.domain.jobs import JobStatus, TransientError, retry_delay
-from pacs_agent.notices import write_failure_notice
+from pacs_agent.notices import send_failure_notice
 from pacs_agent.scheduler import time_limits
 
 if TYPE_CHECKING:
@@ -116,24 +116,5 @@ def fail_or_retry(ctx: WorkerContext, job_id: int, exc: BaseException) -> str:
             updated_at=now,
             lease_expires_at=None,
         )
-    send_failure_notice(ctx, job_id)
+    send_failure_notice(ctx.settings, ctx.session_factory, ctx.dispatcher.send_export, job_id)
     return "failed"
-
-
-def send_failure_notice(ctx: WorkerContext, job_id: int) -> None:
-    """Tell the PACS that the job failed for good: write its failure notice
-    (:mod:`pacs_agent.notices`) and queue the export that delivers it. Never raises: the job
-    has failed already, and a notice that cannot be made is logged and noted on the job."""
-    if not ctx.settings.export.failure_notices or not ctx.settings.export.destinations:
-        return
-    try:
-        path = write_failure_notice(ctx.settings, ctx.session_factory, job_id)
-    except Exception as exc:
-        log.error("job %d: failure notice not written: %s", job_id, exc, exc_info=exc)
-        return
-    if path is None:
-        return
-    try:
-        ctx.dispatcher.send_export(job_id)
-    except Exception as exc:
-        log.warning("job %d: could not queue the failure notice (%s)", job_id, exc)
