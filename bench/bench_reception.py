@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import socket
@@ -112,6 +113,8 @@ class Started:
     port: int
     ae_title: str
     count: Callable[[], int]
+    #: What to print after a send (pacs-agent: how many listener processes took associations).
+    detail: Callable[[], str] = lambda: ""
 
 
 @contextmanager
@@ -189,9 +192,19 @@ def pacs_agent(workdir: Path, env: dict[str, str] | None = None) -> Iterator[Sta
                 120,
                 f"{processes} listener processes",
             )
-        yield Started(agent.port, agent.ae_title, lambda: _agent_count(agent))
+        yield Started(
+            agent.port, agent.ae_title, lambda: _agent_count(agent), lambda: _served_by(agent)
+        )
     finally:
         agent.stop()
+
+
+def _served_by(agent: Agent) -> str:
+    """How many processes accepted the senders' associations (from serve's log)."""
+    pids = set(
+        re.findall(r"\[(\d+)\] \S+: association accepted: 'STORESCU'", agent.log_tail(10**8))
+    )
+    return f", associations taken by {len(pids)} process(es)"
 
 
 RECEIVERS: dict[str, Callable[[Path], Iterator[Started]]] = {
@@ -337,6 +350,7 @@ def main() -> int:
                         ticks = cpu_ticks()
                         seconds = send(target, files, n_assoc)
                         stolen = steal_share(ticks, cpu_ticks())
+                        detail = target.detail()
                         got = wait_for(
                             lambda t=target: t.count() >= len(files) and t.count(),
                             30,
@@ -347,7 +361,7 @@ def main() -> int:
                     steal.append(stolen)
                     print(
                         f"run {run + 1} {n_assoc} assoc {name:28s} {rate:7.1f} img/s ({got}), "
-                        f"CPU stolen by the host {stolen:.0%}",
+                        f"CPU stolen by the host {stolen:.0%}{detail}",
                         flush=True,
                     )
         rss = peak_rss(root, args.rss, agent_env) if args.rss else None
