@@ -305,6 +305,13 @@ def main() -> int:
     parser.add_argument(
         "--no-plain", action="store_true", help="leave out plain pynetdicom (bench/plain_scp.py)"
     )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=0,
+        help="start no run that would end past this many seconds of sending (0: no limit); "
+        "the summary covers the runs done",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     args = parser.parse_args()
     agent_env = json.loads(args.agent_env)
@@ -336,7 +343,18 @@ def main() -> int:
                 f"({needed * args.runs / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free): "
                 "fewer --runs or --instances"
             )
+        runs_done = 0
+        started_runs = time.perf_counter()
         for run in range(args.runs):
+            spent = time.perf_counter() - started_runs
+            if args.max_seconds and run and spent / run * (run + 1) > args.max_seconds:
+                print(
+                    f"stopping after {run} runs: another would end past --max-seconds "
+                    f"{args.max_seconds:.0f}",
+                    flush=True,
+                )
+                break
+            runs_done = run + 1
             order = list(names)
             random.Random(run).shuffle(order)
             print(f"run {run + 1} order: {', '.join(order)}", flush=True)
@@ -369,7 +387,7 @@ def main() -> int:
     print()
     print(
         f"{args.instances} CT instances 512x512 int16, storescu TCP_NODELAY=1, median of "
-        f"{args.runs} runs; {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"{runs_done} runs; {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         f"{platform.platform()}"
     )
     header = "| receiver |" + "".join(f" {n} assoc img/s | ratio |" for n in args.associations)

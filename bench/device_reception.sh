@@ -18,7 +18,7 @@
 # whether it was above Orthanc in every run.
 #
 # Environment: PYTHON (default /opt/torch/.venv/bin/python3), BENCH_ARGS (default
-# "--instances 500 --runs 3 --processes 1,2,4,8 --no-plain"), BENCH_TIMEOUT_S (default 480),
+# "--instances 500 --runs 5 --processes 1,2,4,8 --no-plain --max-seconds 330"), BENCH_TIMEOUT_S (default 480),
 # SRC (where .debs/ and .whl/ are; default the repository root), SKIP_WHEELS=1 (use the
 # Python's own packages: for a local check of the prefix on the machine that prepared it).
 set -uo pipefail
@@ -28,7 +28,7 @@ src=${SRC:-$repo}
 out=${OUT:-/tmp/device-reception-out}
 prefix=${PREFIX:-/tmp/dcmtk-orthanc}
 python=${PYTHON:-/opt/torch/.venv/bin/python3}
-args=${BENCH_ARGS:---instances 500 --runs 3 --processes 1,2,4,8 --no-plain}
+args=${BENCH_ARGS:---instances 500 --runs 5 --processes 1,2,4,8 --no-plain --max-seconds 330}
 mkdir -p "$out"
 exec > >(tee -a "$out/bench.log") 2>&1
 
