@@ -337,12 +337,16 @@ def main() -> int:
         names = list(receivers)
         needed = len(files) * (512 * 512 * 2 + 4096) * len(names) * len(args.associations)
         free = shutil.disk_usage(root).free
-        if needed * args.runs > free * 0.9:
+        fit = int(free * 0.9 // needed) if needed else args.runs
+        if fit < 1:
             raise SystemExit(
-                f"not enough free disk for {args.runs} runs kept until the end "
-                f"({needed * args.runs / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free): "
-                "fewer --runs or --instances"
+                f"not enough free disk for one run kept until the end "
+                f"({needed / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free): "
+                "fewer --instances"
             )
+        if fit < args.runs:
+            print(f"only {fit} of {args.runs} runs fit on the disk: {fit} runs", flush=True)
+            args.runs = fit
         runs_done = 0
         started_runs = time.perf_counter()
         for run in range(args.runs):
