@@ -85,7 +85,12 @@ class ListenerSettings(Section):
     max_pdu: int = Field(131072, ge=0)
     """Maximum PDU size we receive (0 = unlimited)."""
     max_associations: int = Field(16, ge=1)
-    """Concurrent associations accepted; more are rejected (transient, try later)."""
+    """Concurrent associations accepted by each listener process; more are rejected
+    (transient, try later). With ``processes`` N the service admits up to N times this."""
+    processes: int = Field(1, ge=1, le=64)
+    """Listener processes sharing the port (pre-forked by ``serve``, one accepting socket).
+    1: the listener runs inside the ``serve`` process. More spread associations over cores
+    on a machine with more cores than senders (decision 0011)."""
     memory_per_instance_mb: int = Field(64, ge=1)
     """A data set larger than this is gathered in a temporary file in the spool, not in
     memory, while it arrives."""
