@@ -317,8 +317,8 @@ class BundleRunner:
                 parser[key] = value
             except Exception as exc:
                 raise BundleError(
-                    f"{self.config_path}: the override {key!r} has no place in this "
-                    f"configuration ({type(exc).__name__}: {exc})",
+                    f"{self.config_path}: the model card's override {key!r} cannot be set "
+                    f"in this configuration ({type(exc).__name__}: {exc})",
                     file=self.config_path,
                     key=key,
                 ) from exc
