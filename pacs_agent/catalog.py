@@ -530,7 +530,8 @@ def load_catalog(models_dir: Path) -> Catalog:
     """Every valid bundle under ``models_dir`` (one per folder; folders starting with ``.`` or
     ``_`` are skipped); invalid ones are listed in ``problems``."""
     if not models_dir.is_dir():
-        message = f"models directory {models_dir} does not exist"
+        what = "is not a folder" if models_dir.exists() else "does not exist"
+        message = f"models directory {models_dir} {what}"
         return Catalog({}, (Problem(models_dir, message, models_dir),))
     bundles = sorted(p for p in models_dir.iterdir() if p.is_dir())
     return _catalog_of([b for b in bundles if not b.name.startswith((".", "_"))])
