@@ -110,6 +110,14 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     _spleen(root, "spleen_bad_override", '"displayable_configs#highres" = false')
 
+    macro = shutil.copytree(DEMOS / "demo_ct_blob_seg", root / "demo_truncated_macro_file")
+    (macro / "pacs-agent.toml").write_text(
+        (macro / "pacs-agent.toml").read_text().replace("demo_ct_blob_seg", "macro")
+    )
+    extra = macro / "configs" / "extra.json"
+    extra.write_text('{"inferer": {"_target_": "SlidingWindowInf')
+    _edit_json(macro / "configs/inference.json", "inferer", f"%{extra}#inferer")
+
     broken_card = shutil.copytree(DEMOS / "demo_cr_nodule_cls", root / "broken_card")
     card = (broken_card / "pacs-agent.toml").read_text()
     card = card.replace('name = "demo_cr_nodule_cls"', 'name = "broken_card"')
@@ -138,11 +146,11 @@ def test_a_models_directory_is_taken_as_one_and_only_broken_bundles_are_invalid(
     assert report["taken_as"] == "models directory"
     assert report["directory"] == str(models_dir)
     assert report["valid"] is False
-    assert len(report["bundles"]) == 10
+    assert len(report["bundles"]) == 11
     valid = sorted(e["name"] for e in report["bundles"] if e["valid"])
     assert valid == ["demo_cr_nodule_cls", "spleen_ok"]
     assert sorted(m["name"] for m in report["models"]) == valid
-    assert len(report["errors"]) == 8
+    assert len(report["errors"]) == 9
     for entry in report["bundles"]:
         assert len(entry["errors"]) <= 1, entry  # the first failure, as a worker meets it
 
@@ -164,6 +172,15 @@ def test_truncated_yaml_config_is_invalid_naming_the_file_and_line(
     assert error["file"] == str(path)
     assert error["line"] == path.read_text().count("\n") + 1
     assert "cannot be read" in error["message"] and "quoted scalar" in error["message"]
+
+
+def test_truncated_file_named_by_a_macro_is_named_with_the_entry_holding_the_macro(
+    report: dict[str, Any], models_dir: Path
+) -> None:
+    [error] = _errors(report, models_dir, "demo_truncated_macro_file")
+    assert error["file"] == str(models_dir / "demo_truncated_macro_file/configs/extra.json")
+    assert (error["key"], error["line"]) == ("inferer", 1)
+    assert "macro" in error["message"] and "Unterminated string" in error["message"]
 
 
 def test_missing_weights_are_named(report: dict[str, Any], models_dir: Path) -> None:

@@ -147,6 +147,25 @@ _MISSING_REFERENCE = re.compile(
 )
 
 
+def _deepest_local(exc: BaseException, function: str, name: str) -> Any:
+    """The local ``name`` of the deepest call of ``function`` on ``exc``'s traceback (the first
+    exception of the chain that has such a call), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        found = None
+        tb = current.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_name == function:
+                found = tb.tb_frame.f_locals.get(name)
+            tb = tb.tb_next
+        if found is not None:
+            return found
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def _failing_id(exc: BaseException, parser: ConfigParser, built: str) -> str:
     """The configuration id whose content made building ``built`` fail.
 
@@ -155,24 +174,8 @@ def _failing_id(exc: BaseException, parser: ConfigParser, built: str) -> str:
     reference to an id that does not exist is narrowed further, to the entry that holds the
     ``@reference``. Falls back to ``built`` when the traceback says nothing more.
     """
-    deepest = built
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        found = None
-        tb = current.__traceback__
-        while tb is not None:
-            frame = tb.tb_frame
-            if frame.f_code.co_name == "_resolve_one_item":
-                value = frame.f_locals.get("id")
-                if isinstance(value, str):
-                    found = value
-            tb = tb.tb_next
-        if found is not None:
-            deepest = found
-            break
-        current = current.__cause__ or current.__context__
+    found = _deepest_local(exc, "_resolve_one_item", "id")
+    deepest = found if isinstance(found, str) else built
     match = _MISSING_REFERENCE.search(str(exc))
     if match is not None:
         missing = match.group("a") or match.group("b")
@@ -324,6 +327,20 @@ class BundleRunner:
                 ) from exc
         parser["bundle_root"] = str(self.bundle_dir)
         parser["device"] = f"$torch.device({str(self.device)!r})"
+        try:
+            # What get_parsed_content does first; done here to say which entry fails.
+            parser.parse()
+        except Exception as exc:
+            # MONAI's _do_resolve recurses with the id it is at and, for a macro, the file.
+            where = _deepest_local(exc, "_do_resolve", "id")
+            macro_file = _deepest_local(exc, "_do_resolve", "path")
+            raise BundleError(
+                f"{self.config_path}: {_display_id(str(where or ''))!r}: a macro (%file#id) or "
+                f"relative id cannot be resolved: {exc}",
+                file=Path(macro_file).resolve() if macro_file else self.config_path,
+                key=_display_id(where) if isinstance(where, str) and where else None,
+                line=_error_position(exc),
+            ) from exc
         self._parser = parser
 
         for key in ("preprocessing", "inferer"):
