@@ -1,8 +1,8 @@
 #!/bin/sh
-# Container health (HEALTHCHECK of deploy/docker/Dockerfile). PACS_AGENT_HEALTHCHECK says what
+# Container health (HEALTHCHECK of deploy/docker/Dockerfile). HEALTHCHECK_MODE says what
 # the container runs:
 #   serve     the listener answers C-ECHO (`pacs-agent echo` to its own port); when the API
-#             runs inside serve (PACS_AGENT_HEALTHCHECK_API=1), GET /ready must answer 200 too
+#             runs inside serve (HEALTHCHECK_API=1), GET /ready must answer 200 too
 #   api       GET /ready answers 200 (the database and the broker are reachable)
 #   worker    the settings load and the database and the broker answer (`pacs-agent config show`
 #             would not touch them): a worker cut off from either cannot take or finish a job
@@ -22,10 +22,10 @@ except Exception as exc:  # 503, refused, timeout
     sys.exit(1)
 PY
 }
-case "${PACS_AGENT_HEALTHCHECK:-serve}" in
+case "${HEALTHCHECK_MODE:-serve}" in
   serve)
     pacs-agent echo --host 127.0.0.1 >/dev/null
-    if [ "${PACS_AGENT_HEALTHCHECK_API:-0}" = "1" ]; then ready; fi
+    if [ "${HEALTHCHECK_API:-0}" = "1" ]; then ready; fi
     ;;
   api) ready ;;
   worker)
@@ -50,5 +50,5 @@ sys.exit(0)
 PY
     ;;
   none) ;;
-  *) echo "unknown PACS_AGENT_HEALTHCHECK=${PACS_AGENT_HEALTHCHECK}" >&2; exit 1 ;;
+  *) echo "unknown HEALTHCHECK_MODE=${HEALTHCHECK_MODE}" >&2; exit 1 ;;
 esac
