@@ -25,6 +25,7 @@ from tests.helpers.paths import REPO
 CHART = REPO / "deploy" / "helm" / "pacs-agent"
 SECRETS = ["--set", "secret.databaseUrl=postgresql+psycopg://u:p@db/pacs_agent"]
 SECRETS += ["--set", "secret.brokerUrl=redis://redis:6379/0"]
+SECRETS += ["--set-string", "env.PACS_AGENT_LISTENER__ALLOW_ANY_CALLER=true"]
 
 
 def _values() -> dict[str, Any]:
@@ -68,6 +69,17 @@ def test_the_inference_worker_asks_for_a_gpu_on_gpu_nodes() -> None:
     assert _values()["workers"]["io"]["imageSuffix"] == "listener"
 
 
+def test_helm_refuses_a_listener_open_to_any_caller_unless_told(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [_helm(), "template", "pacs", str(CHART), *SECRETS[:4]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert "allowed_callers" in out.stderr
+
+
 def test_helm_lint_passes() -> None:
     out = subprocess.run(
         [_helm(), "lint", "--strict", str(CHART), *SECRETS],
@@ -102,6 +114,12 @@ def test_helm_template_renders_manifests_that_kubernetes_schemas_accept(tmp_path
     assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["db", "upgrade"]
 
     import kubernetes_validate
+
+    listener = deployments["pacs-pacs-agent-listener"]["spec"]["template"]["spec"]
+    assert listener["securityContext"]["runAsNonRoot"] is True
+    worker = deployments["pacs-pacs-agent-worker-inference"]["spec"]["template"]["spec"]
+    assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert worker["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
 
     for doc in docs:
         kubernetes_validate.validate(doc, "1.30.0", strict=True)
