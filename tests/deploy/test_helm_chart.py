@@ -1,15 +1,17 @@
 """The Helm chart (deploy/helm/pacs-agent).
 
-``helm lint`` and ``helm template`` need the helm binary, which none of the package sources
-of this CI machine provides (Debian 12 has no helm package; PyPI's helm wrappers need Python
-3.12 or another system): those tests run where helm is on PATH and are skipped here, saying
-so. The rendered manifests are then validated against the Kubernetes schemas
-(kubernetes-validate, pinned in requirements.lock). What always runs: the chart's values
-against its own values.schema.json (which helm also enforces at lint, template and install).
+Helm's own linter runs through Helm's Go SDK (helm-sdkpy: Helm v4 compiled into a shared
+library, installed by ``make venv``): it loads the chart, checks its values against
+values.schema.json and renders every template with them, as ``helm lint --strict`` does.
+The ``helm`` command itself is in none of this CI machine's package sources (Debian 12 has no
+helm package), so ``helm template`` with the rendered manifests validated against the
+Kubernetes schemas (kubernetes-validate) runs only where ``helm`` is on PATH and is skipped
+here, saying so. The SDK has no client-only rendering: a manifest is not rendered to text here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -21,6 +23,7 @@ import pytest
 import yaml
 
 from tests.helpers.paths import REPO
+from tests.helpers.servers import require_services
 
 CHART = REPO / "deploy" / "helm" / "pacs-agent"
 SECRETS = ["--set", "secret.databaseUrl=postgresql+psycopg://u:p@db/pacs_agent"]
@@ -36,6 +39,57 @@ def _values() -> dict[str, Any]:
 def _schema() -> dict[str, Any]:
     schema: dict[str, Any] = json.loads((CHART / "values.schema.json").read_text())
     return schema
+
+
+#: Helm's lint severities (pkg/lint/support): info 1, warning 2, error 3.
+INFO, WARNING, ERROR = 1, 2, 3
+
+
+def _chart_with_values(tmp_path: Path, **env: str) -> Path:
+    """A copy of the chart whose values.yaml holds what ``--set`` would give (the SDK's lint
+    takes no values of its own)."""
+    chart = tmp_path / "pacs-agent"
+    shutil.copytree(CHART, chart)
+    values = _values()
+    values["secret"]["databaseUrl"] = "postgresql+psycopg://u:p@db/pacs_agent"
+    values["secret"]["brokerUrl"] = "redis://redis:6379/0"
+    values["env"].update(env)
+    (chart / "values.yaml").write_text(yaml.safe_dump(values))
+    return chart
+
+
+def _sdk_lint(chart: Path) -> list[tuple[int, str]]:
+    try:
+        from helm_sdkpy import Configuration
+        from helm_sdkpy.chart import Lint
+    except ImportError:
+        message = "helm-sdkpy is not installed (make venv installs it)"
+        if require_services():
+            pytest.fail(message)
+        pytest.skip(message)
+    result = asyncio.run(Lint(Configuration()).run(str(chart)))
+    return [(int(m["Severity"]), str(m["Path"])) for m in result["Messages"]]
+
+
+def test_helm_lints_the_chart_with_nothing_above_info(tmp_path: Path) -> None:
+    chart = _chart_with_values(tmp_path, PACS_AGENT_LISTENER__ALLOW_ANY_CALLER="true")
+    messages = _sdk_lint(chart)
+    assert [m for m in messages if m[0] >= WARNING] == []
+
+
+def test_helm_lint_catches_a_template_that_does_not_render(tmp_path: Path) -> None:
+    chart = _chart_with_values(tmp_path, PACS_AGENT_LISTENER__ALLOW_ANY_CALLER="true")
+    workers = chart / "templates" / "workers.yaml"
+    workers.write_text(workers.read_text().replace("{{ $w.replicas }}", "{{ $w.replicas }"))
+    assert (ERROR, "templates/") in _sdk_lint(chart)
+
+
+def test_helm_lint_catches_values_that_break_the_schema(tmp_path: Path) -> None:
+    chart = _chart_with_values(tmp_path, PACS_AGENT_LISTENER__ALLOW_ANY_CALLER="true")
+    values = yaml.safe_load((chart / "values.yaml").read_text())
+    values["listener"]["replicas"] = 2
+    (chart / "values.yaml").write_text(yaml.safe_dump(values))
+    assert any(sev == ERROR for sev, _ in _sdk_lint(chart))
 
 
 def _helm() -> str:
