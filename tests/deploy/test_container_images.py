@@ -122,3 +122,18 @@ def test_the_listener_publishes_the_dicom_port_and_starts_after_the_migration() 
     assert (11112, "11112") in published
     assert listener["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert listener["environment"]["PACS_AGENT_DATABASE__AUTO_UPGRADE"] == "false"
+
+
+def test_every_file_the_dockerfile_copies_is_in_the_build_context() -> None:
+    """.dockerignore excludes everything but what the images copy (never .venv or var/)."""
+    rules = (REPO / ".dockerignore").read_text().splitlines()
+    kept = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
+    assert "*" in rules
+    sources = []
+    for line in DOCKERFILE.read_text().splitlines():
+        if line.startswith("COPY ") and "--from=" not in line:
+            sources += line.split()[1:-1]
+    assert sources
+    for src in sources:
+        assert src in kept, f"{src} is copied but excluded by .dockerignore"
+        assert (REPO / src).exists(), src
