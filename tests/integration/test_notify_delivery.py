@@ -481,3 +481,23 @@ def test_webhook_receiver_answering_4xx_ends_failed_and_5xx_waits(
     row = site.row(nid)
     assert (row.response, row.attempts) == ("410", 2)
     assert row.last_error is not None and row.last_error.startswith("HTTP 410")
+
+
+def test_findings_command_shows_the_study_flag_and_suggested_priority(tmp_path: Path) -> None:
+    site = _site(tmp_path, [])
+    runner = CliRunner()
+    text = runner.invoke(app, ["findings", site.study_uid], env=site.env())
+    assert text.exit_code == 0, text.output
+    assert f"study {site.study_uid}: AI flag critical, suggested priority stat" in text.stdout
+    assert "critical: pneumothorax p=0.70" in text.stdout
+    rows = json.loads(
+        runner.invoke(app, ["findings", site.study_uid, "--json"], env=site.env()).stdout
+    )
+    assert {(r["study_ai_flag"], r["suggested_priority"], r["job_ai_flag"]) for r in rows} == {
+        ("critical", "stat", "critical")
+    }
+    with site.sf.begin() as s:  # a superseded job's flag no longer counts
+        job = s.get(Job, site.job_id)
+        assert job is not None
+        job.status = "superseded"
+    assert runner.invoke(app, ["findings", site.study_uid], env=site.env()).exit_code == 3

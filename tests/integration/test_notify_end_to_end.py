@@ -185,6 +185,46 @@ def test_serve_processes_a_ct_study_and_each_worklist_receiver_gets_its_message(
     assert "ORCH-1401" not in log  # the Patient ID is in the messages, never in the log
 
 
+def test_a_job_the_ai_cannot_process_reaches_the_webhook_and_fhir_as_failed(
+    tmp_path: Path, receivers: tuple[Hl7Receiver, FhirServer, WebhookReceiver]
+) -> None:
+    hl7, fhir, hook = receivers
+    # Past its soft time limit a job fails for good (Celery checks about once a second: a
+    # study of a few seconds' work is sure to be caught).
+    config = (
+        _config(hl7, fhir, hook)
+        + """
+[models.time_limits.demo_ct_blob_seg]
+soft_s = 0.01
+hard_s = 60
+"""
+    )
+    agent = Agent(workdir=tmp_path / "agent", port=free_port(), config_toml=config)
+    agent.start()
+    try:
+        study_uid, files = small_study(tmp_path, seed=1402, slices=48, size=256)
+        send_study(files, agent.port)
+        try:
+            wait_for(lambda: hook.received and fhir.received, 240, "the failed notifications")
+            wait_for(lambda: {r.state for r in _rows(agent)} == {"sent"}, 30, "the rows to be sent")
+        except TimeoutError:
+            pytest.fail(f"{[vars(r) for r in _rows(agent)]}\n{agent.log_tail()}")
+        # HL7 wants findings only (its default events): two rows, no HL7 message.
+        assert sorted((r.notifier, r.event) for r in _rows(agent)) == [
+            ("fhir", "failed"),
+            ("worklist", "failed"),
+        ]
+        assert not hl7.received
+        (doc,) = hook.received
+        assert doc["event"] == "failed" and doc["study"]["study_instance_uid"] == study_uid
+        assert doc["job"]["status"] == "failed"
+        assert doc["job"]["reason"].startswith("SoftTimeLimitExceeded")
+        report = fhir.received[0]["entry"][0]["resource"]
+        assert report["status"] == "cancelled" and "SoftTimeLimitExceeded" in report["conclusion"]
+    finally:
+        agent.stop()
+
+
 def _sample(name: str) -> str:
     text = (REPO / "docs" / "integration.md").read_text()
     match = re.search(
