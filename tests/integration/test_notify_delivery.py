@@ -68,11 +68,17 @@ class Site:
     def env(self) -> dict[str, str]:
         return {
             "PACS_AGENT_DATA_DIR": str(self.settings.data_dir),
+            "PACS_AGENT_DATABASE__URL": self.settings.database_url,
             "PACS_AGENT_NOTIFY__NOTIFIERS": json.dumps(self.notifiers),
         }
 
 
-def _site(tmp_path: Path, notifiers: list[dict[str, Any]], job_status: str = "exported") -> Site:
+def _site(
+    tmp_path: Path,
+    notifiers: list[dict[str, Any]],
+    job_status: str = "exported",
+    database_url: str | None = None,
+) -> Site:
     """A database with one study (its first CT image in the spool) and one finished job that
     found the liver and classified the study, with critical/positive card rules."""
     settings = load_settings(
@@ -83,6 +89,7 @@ def _site(tmp_path: Path, notifiers: list[dict[str, Any]], job_status: str = "ex
             "max_attempts": 3,
             "timeout_s": 3,
         },
+        **({"database": {"url": database_url}} if database_url else {}),
     )
     settings.data_dir.mkdir(parents=True)
     upgrade(settings.database_url)
@@ -234,11 +241,12 @@ def test_hl7_oru_reaches_the_mllp_receiver_with_one_obx_per_finding_and_the_flag
     assert len(findings_obx) == 4  # two segments, two classification outputs
 
 
-@pytest.mark.parametrize("code", ["AE", "AR"])
+@pytest.mark.parametrize(("code", "database"), [("AE", "sqlite"), ("AR", "postgresql")])
 def test_hl7_error_ack_ends_the_notification_failed_and_notify_retry_sends_it_again(
-    tmp_path: Path, hl7: Hl7Receiver, code: str
+    tmp_path: Path, hl7: Hl7Receiver, code: str, database: str, request: pytest.FixtureRequest
 ) -> None:
-    site = _site(tmp_path, [_hl7_notifier(hl7.port)])
+    url = request.getfixturevalue("postgres_url") if database == "postgresql" else None
+    site = _site(tmp_path, [_hl7_notifier(hl7.port)], database_url=url)
     hl7.ack_code, hl7.ack_text = code, "unknown order"
     (nid,) = site.notify()
     assert deliver(site.settings, site.sf, nid) == "failed"
