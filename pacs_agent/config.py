@@ -455,8 +455,6 @@ class NotifySettings(Section):
     """Longest wait between two attempts."""
     timeout_s: float = Field(10.0, gt=0)
     """Connect, send and answer (HL7 ACK, HTTP response) time limit of one attempt."""
-    signature_tolerance_s: int = Field(300, ge=1)
-    """Documented to webhook receivers: how old a signed timestamp they should accept."""
 
     @field_validator("notifiers")
     @classmethod

@@ -52,7 +52,7 @@ class PatientHeader:
 def patient_header(path: Path) -> PatientHeader:
     """The patient attributes of one stored instance; empty when it cannot be read."""
     try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=None)
+        ds = dcmread(path, stop_before_pixels=True)
     except (OSError, InvalidDicomError, ValueError):
         return PatientHeader()
     return PatientHeader(

@@ -12,10 +12,10 @@ Message (built and validated with hl7apy, strict, v2.5.1):
 - OBX, one per finding: NM, coded as in the model card (``value^meaning^scheme``), sub-id the
   segment or output number; a segment's volume in ``mm3`` (UCUM), a classification's
   probability in ``1`` (UCUM); OBX-8 ``A`` when the model flagged it, else ``N``.
-- OBX ``110180^Study Instance UID^DCM`` (ST) and ``121232^Source series for image
-  processing^DCM``-style references are carried as ST values; the AI flag as a CE
-  (``AI-FLAG^AI study flag^99PACSAGENT`` = none / positive / critical) and the suggested
-  priority as a CE from HL7 table 0027 (S, A, R).
+- OBX ``110180^Study Instance UID^DCM`` and ``112002^Series Instance UID^DCM`` (ST); the
+  AI flag as a CE (``AI-FLAG^AI study flag^99PACSAGENT``: none / positive / critical) and the
+  suggested priority as a CE from HL7 table 0027 (S, A, R); for a job that failed, one TX
+  saying why the AI could not process the series.
 
 MLLP: one connection per message, ``<VT>message<FS><CR>``, then the ACK is read. AA/CA is
 sent; AE/AR/CE/CR is refused (the error text of MSA-3 / ERR kept); no ACK, a dropped

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import CursorResult, select, update
+from sqlalchemy import ColumnElement, CursorResult, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.config import (
@@ -109,10 +109,17 @@ def create_notifications(
     return made
 
 
-def _move(session: Session, notification_id: int, sources: Iterable[str], **values: Any) -> bool:
+def _move(
+    session: Session,
+    notification_id: int,
+    sources: Iterable[str],
+    *where: ColumnElement[bool],
+    **values: Any,
+) -> bool:
+    """A conditional update: True when the row was in one of ``sources`` (and ``where``)."""
     result = session.execute(
         update(Notification)
-        .where(Notification.id == notification_id, Notification.state.in_(list(sources)))
+        .where(Notification.id == notification_id, Notification.state.in_(list(sources)), *where)
         .values(**values)
         .execution_options(synchronize_session=False)
     )
@@ -132,17 +139,14 @@ def dispatch_due(
     message) and take back rows ``sending`` that long (a dead worker). Returns how many
     were sent. A broker that refuses leaves the row ``pending`` for the next sweep."""
     stale = now - timedelta(seconds=stale_after_s)
+    is_due = ((Notification.state == PENDING) & (Notification.next_attempt_at <= now)) | (
+        Notification.state.in_([QUEUED, SENDING]) & (Notification.updated_at < stale)
+    )
     with read_session(session_factory) as session:
         due = list(
             session.scalars(
                 select(Notification.id)
-                .where(
-                    ((Notification.state == PENDING) & (Notification.next_attempt_at <= now))
-                    | (
-                        Notification.state.in_([QUEUED, SENDING])
-                        & (Notification.updated_at < stale)
-                    )
-                )
+                .where(is_due)
                 .order_by(Notification.next_attempt_at, Notification.id)
                 .limit(limit)
             )
@@ -150,8 +154,14 @@ def dispatch_due(
     sent = 0
     for notification_id in due:
         with session_factory.begin() as session:
+            # Checked again in the update: a worker may have taken the row meanwhile.
             if not _move(
-                session, notification_id, [PENDING, QUEUED, SENDING], state=QUEUED, updated_at=now
+                session,
+                notification_id,
+                [PENDING, QUEUED, SENDING],
+                is_due,
+                state=QUEUED,
+                updated_at=now,
             ):
                 continue
         try:

@@ -509,3 +509,35 @@ def test_findings_command_shows_the_study_flag_and_suggested_priority(tmp_path: 
         assert job is not None
         job.status = "superseded"
     assert runner.invoke(app, ["findings", site.study_uid], env=site.env()).exit_code == 3
+
+
+def test_sweep_sends_again_a_lost_message_and_takes_back_a_row_a_dead_worker_held(
+    tmp_path: Path, webhook: WebhookReceiver
+) -> None:
+    site = _site(tmp_path, [_webhook_notifier(webhook)])
+    (nid,) = site.notify()
+    sent: list[int] = []
+    now = utcnow()
+    assert dispatch_due(site.sf, sent.append, now, stale_after_s=300) == 1
+    assert dispatch_due(site.sf, sent.append, now + timedelta(seconds=10), 300) == 0
+    # The broker lost the message: after stale_after_s the row is sent again.
+    assert dispatch_due(site.sf, sent.append, now + timedelta(seconds=301), 300) == 1
+    with site.sf.begin() as s:  # a worker took it and died while sending
+        row = s.get(Notification, nid)
+        assert row is not None
+        row.state, row.attempts, row.updated_at = "sending", 1, now
+    assert dispatch_due(site.sf, sent.append, now + timedelta(seconds=60), 300) == 0
+    assert dispatch_due(site.sf, sent.append, now + timedelta(seconds=301), 300) == 1
+    assert sent == [nid, nid, nid]
+
+    def broker_down(notification_id: int) -> None:
+        raise ConnectionError("broker down")
+
+    with site.sf.begin() as s:
+        row = s.get(Notification, nid)
+        assert row is not None
+        row.state = "pending"
+    assert dispatch_due(site.sf, broker_down, now + timedelta(seconds=400), 300) == 0
+    assert site.row(nid).state == "pending"  # waits for the next sweep
+    assert deliver(site.settings, site.sf, nid) == "sent"
+    assert site.row(nid).attempts == 2 and len(webhook.received) == 1
