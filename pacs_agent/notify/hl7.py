@@ -24,6 +24,7 @@ connection or an ACK for another message is tried again.
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -54,12 +55,13 @@ def escape(value: str) -> str:
     return out.replace("\r", " ").replace("\n", " ")
 
 
+_UNESCAPE = {"F": "|", "S": "^", "T": "&", "R": "~", "E": "\\"}
+_ESCAPE_SEQUENCE = re.compile(r"\\([FSTRE])\\")
+
+
 def unescape(value: str) -> str:
     """The reverse of :func:`escape` (for reading a message back)."""
-    out = value
-    for char, seq in (("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\")):
-        out = out.replace(seq, char)
-    return out.replace("\\E\\", "\\")
+    return _ESCAPE_SEQUENCE.sub(lambda m: _UNESCAPE[m.group(1)], value)
 
 
 def _ts(value: datetime) -> str:
