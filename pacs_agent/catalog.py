@@ -477,7 +477,10 @@ def read_card(bundle_dir: Path) -> ModelCard:
     for level, rules in (("critical", card.flags.critical), ("positive", card.flags.positive)):
         for rule in rules or []:
             if rule.label is not None and rule.label.casefold() not in labels:
-                raise fail(f"flags.{level}: label {rule.label!r} is not a segment or finding")
+                raise fail(
+                    f"flags.{level}: label {rule.label!r} is not a segment or finding",
+                    f"flags.{level}",
+                )
     if card.runtime.input == "image" and card.model.task != "classification":
         raise fail("runtime.input = 'image' is for classification models", "runtime.input")
     if card.accepts.max_slices and card.accepts.max_slices < card.accepts.min_slices:

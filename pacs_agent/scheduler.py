@@ -283,9 +283,7 @@ class Scheduler:
                         ),
                     )
                     if moved:
-                        create_notifications(
-                            session, self.settings.notify, job_id, JOB_FAILED, now
-                        )
+                        create_notifications(session, self.settings.notify, job_id, JOB_FAILED, now)
                 log.error("job %d: lease expired after %d attempt(s); failed", job_id, attempts)
                 if moved:
                     send_failure_notice(

@@ -1,7 +1,7 @@
 """notifications: the outbox of worklist messages; the AI flag of each job
 
 Revision ID: 0006
-Revises: 0004
+Revises: 0005
 Create Date: 2026-12-04
 
 - ``notifications``: one row per job, notifier and event (HL7 v2 ORU, FHIR, webhook) with
@@ -16,7 +16,7 @@ from alembic import op
 
 
 revision = "0006"
-down_revision = "0004"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 

@@ -37,6 +37,9 @@ class FindingFact:
     mean_hu: float | None
     probability: float | None
     threshold: float | None
+    #: A segment's connected components kept after the card's thresholds, and the largest.
+    component_count: int | None = None
+    largest_component_mm3: float | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,8 @@ def load_facts(
                 mean_hu=f.mean_hu,
                 probability=f.probability,
                 threshold=f.threshold,
+                component_count=f.component_count,
+                largest_component_mm3=f.largest_component_mm3,
             )
             for f in findings
         ),

@@ -80,6 +80,8 @@ def payload(facts: NotificationFacts, now: datetime) -> dict[str, Any]:
                 "mean_hu": f.mean_hu,
                 "probability": f.probability,
                 "threshold": f.threshold,
+                "component_count": f.component_count,
+                "largest_component_mm3": f.largest_component_mm3,
             }
             for f in facts.findings
         ],
