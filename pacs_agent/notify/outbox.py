@@ -246,6 +246,8 @@ def deliver(
         response = exc.response if isinstance(exc, Unreachable) else None
         wait = backoff_s(_policy(settings.notify, notifier), attempts)
         error = str(exc) or type(exc).__name__
+        # An HTTP answer's body may echo the payload: the log names only its status.
+        logged = f"HTTP {response}" if response and response.isdigit() else error
         if wait is None:
             log.warning(
                 "notification %d (job %d, %s to %s): %d attempt(s), giving up: %s",
@@ -254,7 +256,7 @@ def deliver(
                 facts.event,
                 name,
                 attempts,
-                error,
+                logged,
             )
             return _finish(
                 session_factory,
@@ -271,7 +273,7 @@ def deliver(
             facts.event,
             name,
             attempts,
-            error,
+            logged,
             wait,
         )
         at = now()

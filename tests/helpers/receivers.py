@@ -98,7 +98,8 @@ class _Http(ThreadingHTTPServer):
 @dataclass
 class _HttpReceiver:
     port: int = field(default_factory=free_port)
-    #: Answer every request with this status instead (e.g. 503, 401); None: judge it.
+    #: Answer every request with this status (e.g. 503, 410) and the request body echoed
+    #: back; None: judge it.
     force_status: int | None = None
     received: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
@@ -119,7 +120,8 @@ class _HttpReceiver:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length)
                 if receiver.force_status is not None:
-                    status, answer = receiver.force_status, {"error": "forced"}
+                    # The worst case for the sender's logs: an error page echoing the payload.
+                    status, answer = receiver.force_status, {"echo": body.decode()}
                 else:
                     status, answer = receiver.judge(self.headers, body)
                 data = json.dumps(answer).encode()

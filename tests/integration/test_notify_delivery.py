@@ -9,6 +9,7 @@ the scheduler's sweep) is in test_notify_end_to_end.py.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -377,12 +378,20 @@ def test_fhir_endpoint_refusing_the_token_ends_the_notification_failed_with_http
     assert fhir.rejected == ["bad or missing bearer token"] and not fhir.received
 
 
-def test_fhir_endpoint_answering_503_is_tried_again_later(tmp_path: Path, fhir: FhirServer) -> None:
-    fhir.force_status = 503
+def test_fhir_endpoint_answering_503_is_tried_again_later_and_its_body_is_not_logged(
+    tmp_path: Path, fhir: FhirServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    fhir.force_status = 503  # with the Bundle echoed back in the error page
     site = _site(tmp_path, [_fhir_notifier(fhir)])
     (nid,) = site.notify()
-    assert deliver(site.settings, site.sf, nid) == "pending"
-    assert site.row(nid).response == "503"
+    with caplog.at_level(logging.DEBUG):
+        assert deliver(site.settings, site.sf, nid) == "pending"
+    row = site.row(nid)
+    assert row.response == "503" and row.last_error is not None
+    assert row.last_error.startswith("HTTP 503") and "echo" in row.last_error  # kept in the DB
+    assert "HTTP 503" in caplog.text
+    assert "echo" not in caplog.text  # the answer's body (it may carry the payload) is not logged
+    assert PATIENT_ID not in caplog.text and "JANCT000" not in caplog.text
     fhir.force_status = None
     assert deliver(site.settings, site.sf, nid) == "sent"
     assert len(fhir.received) == 1
