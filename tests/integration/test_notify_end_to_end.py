@@ -209,16 +209,20 @@ hard_s = 60
             wait_for(lambda: {r.state for r in _rows(agent)} == {"sent"}, 30, "the rows to be sent")
         except TimeoutError:
             pytest.fail(f"{[vars(r) for r in _rows(agent)]}\n{agent.log_tail()}")
+        context = (
+            f"rows: {[vars(r) for r in _rows(agent)]}\nwebhook: {hook.received}\n{agent.log_tail()}"
+        )
         # HL7 wants findings only (its default events): two rows, no HL7 message.
         assert sorted((r.notifier, r.event) for r in _rows(agent)) == [
             ("fhir", "failed"),
             ("worklist", "failed"),
-        ]
-        assert not hl7.received
-        (doc,) = hook.received
+        ], context
+        assert not hl7.received, context
+        assert len(hook.received) == 1 and len(fhir.received) == 1, context
+        doc = hook.received[0]
         assert doc["event"] == "failed" and doc["study"]["study_instance_uid"] == study_uid
-        assert doc["job"]["status"] == "failed"
-        assert doc["job"]["reason"].startswith("SoftTimeLimitExceeded")
+        assert doc["job"]["status"] == "failed", context
+        assert doc["job"]["reason"].startswith("SoftTimeLimitExceeded"), context
         report = fhir.received[0]["entry"][0]["resource"]
         assert report["status"] == "cancelled" and "SoftTimeLimitExceeded" in report["conclusion"]
     finally:
