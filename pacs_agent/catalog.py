@@ -51,6 +51,12 @@ A card, in full::
     label = "Nodule"
     code = { value = "27925004", scheme = "SCT", meaning = "Nodule" }
     threshold = 0.5                  # flag when the probability is at least this
+
+    [flags]                          # study-level AI flag (pacs_agent.domain.flags)
+    critical = [{ label = "Nodule", min_probability = 0.9 }]
+    positive = [{ label = "Nodule" }]  # omitted: any flagged finding; [] : never positive
+    # each rule: label (omitted: any), min_volume_mm3, min_probability; the finding must
+    # also be flagged by the model (detected segment, probability >= threshold)
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ from pydicom import Dataset
 
 from pacs_agent.dicom.volume import GantryTilt
 from pacs_agent.domain.detection import DetectionCriteria
+from pacs_agent.domain.flags import FlagRule, FlagRules
 from pacs_agent.domain.results import AlgorithmSpec, CodedConcept, SegmentSpec
 from pacs_agent.domain.uids import device_uid
 
@@ -170,6 +177,28 @@ class _Finding(BaseModel):
     threshold: float = Field(0.5, ge=0, le=1)
 
 
+class _FlagRule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    label: str | None = Field(None, min_length=1, max_length=64)
+    min_volume_mm3: float | None = Field(None, ge=0)
+    min_probability: float | None = Field(None, ge=0, le=1)
+
+    def rule(self) -> FlagRule:
+        return FlagRule(self.label, self.min_volume_mm3, self.min_probability)
+
+
+class _Flags(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    critical: list[_FlagRule] = Field(default_factory=list)
+    positive: list[_FlagRule] | None = None
+
+    def rules(self) -> FlagRules:
+        return FlagRules(
+            critical=tuple(r.rule() for r in self.critical),
+            positive=None if self.positive is None else tuple(r.rule() for r in self.positive),
+        )
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
@@ -224,6 +253,7 @@ class _Card(BaseModel):
     detection: _Detection | None = None
     segments: list[_Segment] = Field(default_factory=list)
     findings: list[_Finding] = Field(default_factory=list)
+    flags: _Flags = Field(default_factory=_Flags)
 
 
 @dataclass(frozen=True)
@@ -288,6 +318,7 @@ class ModelCard:
     overrides: dict[str, Any] = field(default_factory=dict)
     input: str = "volume"
     card_path: Path | None = None
+    flags: FlagRules = field(default_factory=FlagRules)
 
     def algorithm(self, uid_root: str) -> AlgorithmSpec:
         return AlgorithmSpec(
@@ -333,6 +364,12 @@ class ModelCard:
                 {"index": f.index, "label": f.label, "code": vars(f.code), "threshold": f.threshold}
                 for f in self.findings
             ],
+            "flags": {
+                "critical": [vars(r) for r in self.flags.critical],
+                "positive": (
+                    None if self.flags.positive is None else [vars(r) for r in self.flags.positive]
+                ),
+            },
         }
 
 
@@ -434,6 +471,16 @@ def read_card(bundle_dir: Path) -> ModelCard:
                 f"{channels} channel(s)",
                 what,
             )
+    labels = {s.label.casefold() for s in card.segments} | {
+        f.label.casefold() for f in card.findings
+    }
+    for level, rules in (("critical", card.flags.critical), ("positive", card.flags.positive)):
+        for rule in rules or []:
+            if rule.label is not None and rule.label.casefold() not in labels:
+                raise fail(
+                    f"flags.{level}: label {rule.label!r} is not a segment or finding",
+                    f"flags.{level}",
+                )
     if card.runtime.input == "image" and card.model.task != "classification":
         raise fail("runtime.input = 'image' is for classification models", "runtime.input")
     if card.accepts.max_slices and card.accepts.max_slices < card.accepts.min_slices:
@@ -472,6 +519,7 @@ def read_card(bundle_dir: Path) -> ModelCard:
         overrides=dict(card.runtime.overrides),
         input=card.runtime.input,
         card_path=card_path,
+        flags=card.flags.rules(),
     )
 
 

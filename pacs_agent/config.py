@@ -381,6 +381,104 @@ class StorageSettings(Section):
     ``<data_dir>/results``."""
 
 
+NotifyEvent = Literal["findings", "failed"]
+
+
+class _Notifier(Section):
+    name: str = Field(min_length=1, max_length=64)
+    """Names the notifier in ``notify list`` and in the database (unique)."""
+    events: list[NotifyEvent] = Field(default_factory=lambda: ["findings", "failed"])  # type: ignore[arg-type]
+    """``findings``: a job succeeded (its findings and the study's AI flag); ``failed``: the
+    AI could not process a series (the job failed for good)."""
+    max_attempts: int | None = Field(None, ge=1)
+    """Attempts before the notification ends ``failed``. Default: ``notify.max_attempts``."""
+
+
+class Hl7Notifier(_Notifier):
+    """HL7 v2.5.1 ORU^R01 over MLLP to a RIS (one message, then its ACK, per connection)."""
+
+    kind: Literal["hl7"]
+    host: str
+    port: int = Field(ge=1, le=65535)
+    events: list[NotifyEvent] = Field(default_factory=lambda: ["findings"])  # type: ignore[arg-type]
+    sending_application: str = Field("PACS-AGENT", min_length=1, max_length=180)
+    """MSH-3."""
+    sending_facility: str = Field("", max_length=180)
+    """MSH-4."""
+    receiving_application: str = Field("", max_length=180)
+    """MSH-5."""
+    receiving_facility: str = Field("", max_length=180)
+    """MSH-6."""
+
+
+class FhirNotifier(_Notifier):
+    """A FHIR R4 server: a transaction Bundle with a DiagnosticReport and its Observations."""
+
+    kind: Literal["fhir"]
+    base_url: str
+    """The FHIR base URL; the Bundle is POSTed to it."""
+    token: SecretStr | None = None
+    """Bearer token sent as ``Authorization: Bearer ...``."""
+    ca_file: Path | None = None
+    """PEM CA bundle for an https URL. Default: the system's CAs."""
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/]+", v):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v.rstrip("/")
+
+
+class WebhookNotifier(_Notifier):
+    """An HTTP endpoint that receives a signed JSON document (docs/integration.md)."""
+
+    kind: Literal["webhook"]
+    url: str
+    secret: SecretStr = Field(min_length=16)
+    """Shared secret of the HMAC-SHA256 signature (at least 16 characters)."""
+    ca_file: Path | None = None
+    """PEM CA bundle for an https URL. Default: the system's CAs."""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/]+", v):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v
+
+
+Notifier = Annotated[
+    Hl7Notifier | FhirNotifier | WebhookNotifier,
+    Field(discriminator="kind"),
+]
+
+
+class NotifySettings(Section):
+    """Worklist integration: findings and AI flags out to RIS / worklist systems."""
+
+    notifiers: list[Notifier] = Field(default_factory=list)
+    """Where notifications go (several at once). Empty: none are made."""
+    max_attempts: int = Field(10, ge=1)
+    """Attempts per notification before it ends ``failed`` (``notify retry`` sends again)."""
+    backoff_initial_s: float = Field(5.0, ge=0)
+    """Wait before the second attempt; each further wait is ``backoff_factor`` times longer."""
+    backoff_factor: float = Field(2.0, ge=1)
+    backoff_max_s: float = Field(600.0, ge=0)
+    """Longest wait between two attempts."""
+    timeout_s: float = Field(10.0, gt=0)
+    """Connect, send and answer (HL7 ACK, HTTP response) time limit of one attempt."""
+
+    @field_validator("notifiers")
+    @classmethod
+    def _unique_names(cls, v: list[Any]) -> list[Any]:
+        names = [n.name for n in v]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"notifier names must be unique: {duplicated}")
+        return v
+
+
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -411,6 +509,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    notify: NotifySettings = Field(default_factory=NotifySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @field_validator("uid_root")

@@ -13,10 +13,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from pacs_agent.db.models import Finding, Job, Study
+from pacs_agent.domain.flags import (
+    PRIORITY,
+    AIFlag,
+    FindingFacts,
+    FlagOutcome,
+    FlagRules,
+    job_flag,
+    study_flag,
+)
 from pacs_agent.domain.results import JobResult
 
 SEGMENT = "segment"
@@ -66,10 +75,25 @@ def finding_rows(job_id: int, result: JobResult) -> list[Finding]:
     return rows
 
 
-def replace_findings(session: Session, job_id: int, result: JobResult) -> None:
-    """Record ``result`` as the job's findings, replacing those of an earlier run."""
+def replace_findings(
+    session: Session, job_id: int, result: JobResult, flags: FlagRules | None = None
+) -> FlagOutcome:
+    """Record ``result`` as the job's findings, replacing those of an earlier run, and the
+    job's AI flag under the model card's ``flags`` rules (None: the default rules)."""
     session.execute(delete(Finding).where(Finding.job_id == job_id))
-    session.add_all(finding_rows(job_id, result))
+    rows = finding_rows(job_id, result)
+    session.add_all(rows)
+    outcome = job_flag(
+        [FindingFacts(r.label, bool(r.flag), r.volume_mm3, r.probability) for r in rows],
+        flags or FlagRules(),
+    )
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(ai_flag=outcome.flag.value, ai_flag_reason=outcome.reason)
+        .execution_options(synchronize_session=False)
+    )
+    return outcome
 
 
 @dataclass(frozen=True)
@@ -97,6 +121,7 @@ class StudyFinding:
     threshold: float | None
     seg_sop_instance_uid: str | None
     sr_sop_instance_uid: str | None
+    job_ai_flag: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,6 +166,40 @@ def findings_of_study(session: Session, study_instance_uid: str) -> list[StudyFi
             threshold=finding.threshold,
             seg_sop_instance_uid=job.seg_sop_instance_uid,
             sr_sop_instance_uid=job.sr_sop_instance_uid,
+            job_ai_flag=job.ai_flag,
         )
         for finding, job in rows
     ]
+
+
+@dataclass(frozen=True)
+class StudyFlag:
+    """The study-level AI flag: the highest flag of its current jobs, and the priority it
+    suggests to the worklist, with each job's reason."""
+
+    flag: str
+    priority: str
+    reasons: tuple[str, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"flag": self.flag, "priority": self.priority, "reasons": list(self.reasons)}
+
+
+def study_flag_of(session: Session, study_instance_uid: str) -> StudyFlag:
+    """The AI flag of a study from the flags recorded with its jobs' findings (superseded
+    and cancelled jobs left out; a job without a recorded flag counts as none)."""
+    jobs = session.execute(
+        select(Job.id, Job.model_name, Job.ai_flag, Job.ai_flag_reason)
+        .join(Study, Job.study_id == Study.id)
+        .where(
+            Study.study_instance_uid == study_instance_uid,
+            Job.status.not_in(["superseded", "cancelled"]),
+            Job.ai_flag.is_not(None),
+        )
+        .order_by(Job.id)
+    ).all()
+    flag = study_flag(AIFlag(j.ai_flag) for j in jobs)
+    reasons = tuple(
+        f"job {j.id} {j.model_name}: {j.ai_flag_reason}" for j in jobs if j.ai_flag != "none"
+    )
+    return StudyFlag(flag.value, PRIORITY[flag], reasons)

@@ -22,6 +22,7 @@ from pacs_agent.config import Settings
 
 RUN_INFERENCE = "pacs_agent.run_inference"
 EXPORT_RESULTS = "pacs_agent.export_results"
+SEND_NOTIFICATION = "pacs_agent.send_notification"
 
 
 class _AtomicFilesystemChannel(filesystem.Channel):
@@ -76,6 +77,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_routes": {
             RUN_INFERENCE: {"queue": b.inference_queue},
             EXPORT_RESULTS: {"queue": b.io_queue},
+            SEND_NOTIFICATION: {"queue": b.io_queue},
         },
         "task_default_queue": b.io_queue,
         "broker_connection_retry_on_startup": True,
@@ -134,6 +136,8 @@ class Dispatcher(Protocol):
 
     def send_export(self, job_id: int) -> None: ...
 
+    def send_notification(self, notification_id: int) -> None: ...
+
 
 def message_priority(priority: int, broker_url: str | None) -> int | None:
     """The broker's message priority for a rule priority (higher = more urgent).
@@ -169,3 +173,6 @@ class CeleryDispatcher:
 
     def send_export(self, job_id: int) -> None:
         self.app.send_task(EXPORT_RESULTS, kwargs={"job_id": job_id})
+
+    def send_notification(self, notification_id: int) -> None:
+        self.app.send_task(SEND_NOTIFICATION, kwargs={"notification_id": notification_id})

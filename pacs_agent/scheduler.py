@@ -39,6 +39,7 @@ from pacs_agent.domain.completeness import (
 from pacs_agent.domain.jobs import JobStatus
 from pacs_agent.domain.routing import Rule, select_models
 from pacs_agent.notices import send_failure_notice
+from pacs_agent.notify.outbox import JOB_FAILED, create_notifications, dispatch_due
 from pacs_agent.queue import Dispatcher, TaskLimits
 
 log = logging.getLogger(__name__)
@@ -281,6 +282,8 @@ class Scheduler:
                             "or over the hard time limit); not tried again"
                         ),
                     )
+                    if moved:
+                        create_notifications(session, self.settings.notify, job_id, JOB_FAILED, now)
                 log.error("job %d: lease expired after %d attempt(s); failed", job_id, attempts)
                 if moved:
                     send_failure_notice(
@@ -326,6 +329,10 @@ class Scheduler:
                 self.dispatcher.send_export(job_id)
             except Exception as exc:
                 log.warning("job %d: broker unavailable for export (%s)", job_id, exc)
+        if self.settings.notify.notifiers:
+            dispatch_due(
+                self.session_factory, self.dispatcher.send_notification, now, w.requeue_after_s
+            )
 
     def _send(self, job_id: int) -> None:
         with read_session(self.session_factory) as session:

@@ -26,7 +26,14 @@ from pacs_agent.db.jobs import renew_lease
 from pacs_agent.db.models import utcnow
 from pacs_agent.db.session import make_engine, make_session_factory
 from pacs_agent.export import export_job
-from pacs_agent.queue import EXPORT_RESULTS, RUN_INFERENCE, CeleryDispatcher, make_celery
+from pacs_agent.notify.outbox import deliver
+from pacs_agent.queue import (
+    EXPORT_RESULTS,
+    RUN_INFERENCE,
+    SEND_NOTIFICATION,
+    CeleryDispatcher,
+    make_celery,
+)
 
 
 @dataclass
@@ -122,5 +129,10 @@ def create_app(settings: Settings | None = None) -> Celery:
     def export_results(*, job_id: int) -> str:
         ctx = holder.get()
         return export_job(ctx.settings, ctx.session_factory, job_id)
+
+    @app.task(name=SEND_NOTIFICATION, acks_late=True, reject_on_worker_lost=True)  # type: ignore[untyped-decorator]
+    def send_notification(*, notification_id: int) -> str:
+        ctx = holder.get()
+        return deliver(ctx.settings, ctx.session_factory, notification_id)
 
     return app

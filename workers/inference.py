@@ -26,6 +26,7 @@ from pacs_agent.domain.jobs import JobStatus
 from pacs_agent.domain.results import JobResult, ResultUIDs
 from pacs_agent.domain.uids import job_result_uids
 from pacs_agent.findings import replace_findings
+from pacs_agent.notify.outbox import FINDINGS, create_notifications
 from pacs_agent.storage.spool import Spool
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ def run_inference_job(ctx: WorkerContext, job_id: int) -> str:
     done = utcnow()
     export = bool(settings.export.destinations)
     with ctx.session_factory.begin() as session:
-        transition(
+        succeeded = transition(
             session,
             job_id,
             JobStatus.SUCCEEDED,
@@ -89,6 +90,9 @@ def run_inference_job(ctx: WorkerContext, job_id: int) -> str:
         )
         if export:
             transition(session, job_id, JobStatus.EXPORTING, updated_at=done)
+        # The outbox: the scheduler's sweep sends them on the io queue.
+        if succeeded:
+            create_notifications(session, settings.notify, job_id, FINDINGS, done)
     if export:
         try:
             ctx.dispatcher.send_export(job_id)
@@ -149,7 +153,7 @@ def _produce(ctx: WorkerContext, job_id: int) -> dict[str, str | float | None]:
     write_dataset(sr, out_dir / sr_rel.name)
 
     with ctx.session_factory.begin() as session:
-        replace_findings(session, job_id, result)
+        replace_findings(session, job_id, result, card.flags)
     log.info(
         "job %d: %s on series %s (%s): %d segment(s) detected, %d finding(s) flagged",
         job_id,

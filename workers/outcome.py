@@ -20,6 +20,7 @@ from pacs_agent.db.jobs import transition
 from pacs_agent.db.models import Job, utcnow
 from pacs_agent.domain.jobs import JobStatus, TransientError, retry_delay
 from pacs_agent.notices import send_failure_notice
+from pacs_agent.notify.outbox import JOB_FAILED, create_notifications
 from pacs_agent.scheduler import time_limits
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ def fail_or_retry(ctx: WorkerContext, job_id: int, exc: BaseException) -> str:
         return "retrying"
     log.error("job %d failed: %s", job_id, reason, exc_info=exc)
     with ctx.session_factory.begin() as session:
-        transition(
+        if transition(
             session,
             job_id,
             JobStatus.FAILED,
@@ -115,6 +116,8 @@ def fail_or_retry(ctx: WorkerContext, job_id: int, exc: BaseException) -> str:
             finished_at=now,
             updated_at=now,
             lease_expires_at=None,
-        )
+        ):
+            # "The AI could not process this series", to the notifiers that want it.
+            create_notifications(session, ctx.settings.notify, job_id, JOB_FAILED, now)
     send_failure_notice(ctx.settings, ctx.session_factory, ctx.dispatcher.send_export, job_id)
     return "failed"

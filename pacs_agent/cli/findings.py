@@ -1,4 +1,5 @@
-"""``pacs-agent findings STUDY_UID [--json]``: what the models found in a study.
+"""``pacs-agent findings STUDY_UID [--json]``: what the models found in a study, and the
+study's AI flag (none / positive / critical) with the reading priority it suggests.
 
 Exit codes: 0 findings listed; 3 the study has none (unknown study, or no job has finished).
 """
@@ -30,14 +31,29 @@ def findings(
 ) -> None:
     """List the findings of every job of a study: label, code, volume, connected components
     and the largest one's volume, probability, flag, and the SEG and SR SOP Instance UIDs."""
-    from pacs_agent.findings import findings_of_study
+    from pacs_agent.findings import findings_of_study, study_flag_of
 
     settings = settings_from(ctx)
     with session_factory(settings)() as session:
         found = findings_of_study(session, study_uid)
+        flag = study_flag_of(session, study_uid)
     if as_json:
-        typer.echo(json.dumps([f.as_json() for f in found], indent=2))
+        # A list of findings (as before); each carries the study's flag and priority.
+        typer.echo(
+            json.dumps(
+                [
+                    f.as_json() | {"study_ai_flag": flag.flag, "suggested_priority": flag.priority}
+                    for f in found
+                ],
+                indent=2,
+            )
+        )
     else:
+        if found:
+            typer.echo(
+                f"study {study_uid}: AI flag {flag.flag}, suggested priority {flag.priority}"
+                + "".join(f"\n  {r}" for r in flag.reasons)
+            )
         for f in found:
             typer.echo(
                 f"job {f.job_id} {f.model_name} {f.model_version or '?'} [{f.job_status}] "

@@ -175,6 +175,10 @@ class Job(Base):
     inference_s: Mapped[float | None] = mapped_column(Float)
     write_s: Mapped[float | None] = mapped_column(Float)
     succeeded_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: The AI flag of this job's findings (none, positive, critical; pacs_agent.domain.flags)
+    #: and the findings that made it; recorded with the findings.
+    ai_flag: Mapped[str | None] = mapped_column(String(16))
+    ai_flag_reason: Mapped[str | None] = mapped_column(Text)
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     series: Mapped[Series] = relationship()
@@ -234,6 +238,40 @@ class Export(Base):
     attempted_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="exports")
+
+
+class Notification(Base):
+    """One message about one job to one notifier (HL7 v2, FHIR, webhook): the outbox row.
+
+    ``state``: pending (due at ``next_attempt_at``), queued (handed to the broker), sending
+    (a worker holds it), sent, or failed (the receiver refused it, or the attempts ran out;
+    ``pacs-agent notify retry`` sends it again).
+    """
+
+    __tablename__ = "notifications"
+    __table_args__ = (
+        UniqueConstraint("job_id", "notifier", "event", name="uq_notifications_job_notifier"),
+        Index("ix_notifications_state_next", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    #: The notifier's name in the settings, and its kind (hl7, fhir, webhook).
+    notifier: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    #: findings (the job succeeded) or failed (the AI could not process the series).
+    event: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    #: What the receiver answered last: HL7 acknowledgment code, or HTTP status.
+    response: Mapped[str | None] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    job: Mapped[Job] = relationship()
 
 
 class AuditEntry(Base):
