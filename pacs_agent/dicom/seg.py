@@ -20,9 +20,12 @@ from pacs_agent.dicom.geometry import (
     check_labels,
     check_mask,
     has_plane_geometry,
+    is_multi_frame,
     label_counts,
+    plane_headers,
     slice_order,
 )
+from pacs_agent.dicom.sources import builder_sources
 from pacs_agent.domain.results import AlgorithmSpec, JobResult, SegmentSpec
 from pacs_agent.domain.results import CodedConcept as DomainCode
 from pacs_agent.domain.uids import DEFAULT_UID_ROOT, derive_uid, validate_uid_root
@@ -155,7 +158,9 @@ def build_segmentation(
 
     ``mask`` is a (frames, rows, cols) label map with ``mask[i]`` on ``source_datasets[i]``
     (any order: the sources are put in slice order first, so the object does not depend on
-    it). Segments are those of
+    it). The source may also be one multi-frame image (enhanced CT/MR, one file): then
+    ``mask[i]`` is on its frame ``i + 1`` and the SEG's frames reference those source frames.
+    Segments are those of
     ``result.segments`` that have voxels in the mask, numbered 1.. in that order; with
     ``include_empty`` the empty ones are kept too. Frames without any segment are omitted.
     Patient and study come from the sources; SOP and Series Instance UIDs from
@@ -163,14 +168,26 @@ def build_segmentation(
     Name = model name, Software Versions = model version, Device Serial Number = device UID).
     Headers without pixel data are enough as sources.
 
+    Type 2 patient and study attributes the sources lack are written empty
+    (:func:`pacs_agent.dicom.sources.builder_sources`); the sources are not modified.
+
     Raises ValueError when the mask does not fit the sources, holds labels that
     ``result.segments`` does not describe, disagrees with ``result`` about which segments
-    were detected, or the sources are not one stack of parallel slices.
+    were detected, the sources are not one stack of parallel slices, or they mix a
+    multi-frame image with other instances (a SEG references one multi-frame image or
+    single-frame instances).
     """
     if not source_datasets:
         raise ValueError("no source datasets")
+    multi_frame = [ds for ds in source_datasets if is_multi_frame(ds)]
+    if multi_frame and len(source_datasets) > 1:
+        raise ValueError(
+            f"the series has {len(source_datasets)} instances, {len(multi_frame)} of them "
+            "multi-frame: a Segmentation references one multi-frame image or single-frame "
+            "instances"
+        )
     mask = np.asarray(mask)
-    check_mask(mask, source_datasets)
+    check_mask(mask, plane_headers(source_datasets))
     specs = [segment.segment for segment in result.segments]
     counts = label_counts(mask)
     check_labels(counts, specs)
@@ -193,9 +210,11 @@ def build_segmentation(
     order = (
         slice_order(source_datasets)
         if len(source_datasets) > 1 and has_plane_geometry(source_datasets)
-        else list(range(len(source_datasets)))
+        else list(range(len(mask)))
     )
-    sources = [source_datasets[i] for i in order]
+    sources = builder_sources(
+        source_datasets if multi_frame else [source_datasets[i] for i in order]
+    )
     # Relabel to the SEG's segment numbers 1..n (0 for segments left out): highdicom takes a
     # label map and splits it per segment frame by frame, so no (frames, rows, cols, segments)
     # array is ever made.

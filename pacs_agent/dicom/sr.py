@@ -40,6 +40,7 @@ from pacs_agent.dicom.seg import (
     segment_numbers_by_tracking_uid,
     segment_tracking_uid,
 )
+from pacs_agent.dicom.sources import builder_sources
 from pacs_agent.domain.results import JobResult, SegmentResult
 
 #: Default Series Number of the SR series.
@@ -206,8 +207,9 @@ def build_measurement_report(
     ``seg`` is the Segmentation built by :func:`pacs_agent.dicom.seg.build_segmentation` for
     the same result (None when nothing was detected); its segments are found by Tracking UID.
     Evidence: the source instances and the SEG. The report is complete, preliminary and
-    unverified (nobody has reviewed it). Patient and study come from the sources; SOP and
-    Series Instance UIDs from ``result.uids``.
+    unverified (nobody has reviewed it). Patient and study come from the sources (type 2
+    attributes they lack are written empty; the sources are not modified); SOP and Series
+    Instance UIDs from ``result.uids``.
 
     Segments (``result.segments``) and classification outputs (``result.classifications``)
     each get their measurement group, so one report serves a segmentation job, a
@@ -254,7 +256,7 @@ def build_measurement_report(
         imaging_measurements=groups,
     )
     algorithm = result.algorithm
-    evidence = [*source_datasets, *([seg] if seg is not None else [])]
+    evidence = [*builder_sources(source_datasets), *([seg] if seg is not None else [])]
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,

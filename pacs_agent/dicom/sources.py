@@ -1,0 +1,60 @@
+"""The source datasets as the result builders hand them to highdicom.
+
+highdicom copies the patient and study of a result from its first source and reads some type 2
+attributes as Python attributes (``src_img.PatientID``): a source that leaves one out, as many
+older and de-identified images do, would raise ``AttributeError``. :func:`builder_sources`
+gives header copies of the sources in which every such attribute the source lacks is present
+and empty -- exactly what the standard allows a type 2 attribute to be, so the SEG and SR say
+"unknown" where the source did. The sources themselves (the spooled files and the datasets
+read from them) are never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+from pydicom import Dataset
+
+__all__ = ["TYPE2_COPIED", "builder_sources"]
+
+#: Type 2 attributes of the Patient (PS3.3 C.7.1.1) and General Study (C.7.2.1) modules that
+#: highdicom's SEG and SR constructors read from the first source, in module order.
+TYPE2_COPIED = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+
+#: Pixel data elements: a result never needs its sources' pixels.
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+
+
+def _header_copy(ds: Dataset) -> Dataset:
+    header = Dataset()
+    for element in ds:
+        if element.tag not in _PIXEL_TAGS:
+            header.add(copy.copy(element))
+    if "file_meta" in ds.__dict__:
+        header.file_meta = copy.copy(ds.file_meta)
+    for keyword in TYPE2_COPIED:
+        if keyword not in header:
+            setattr(header, keyword, None)
+    return header
+
+
+def builder_sources(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """Header copies of ``datasets`` (same order) for highdicom's SEG and SR constructors.
+
+    Each copy holds shallow copies of the dataset's elements except pixel data (values are
+    shared, not duplicated, so a copy is cheap; setting an element of a copy leaves the source's
+    element alone), plus an empty element for each attribute of :data:`TYPE2_COPIED` the dataset
+    lacks. ``datasets`` are left as they are.
+    """
+    return [_header_copy(ds) for ds in datasets]
