@@ -7,16 +7,23 @@ gives header copies of the sources in which every such attribute the source lack
 and empty -- exactly what the standard allows a type 2 attribute to be, so the SEG and SR say
 "unknown" where the source did. The sources themselves (the spooled files and the datasets
 read from them) are never modified.
+
+highdicom also warns about a patient name it finds odd (one component, say) and puts the name
+in the warning; :func:`no_patient_names_in_warnings` keeps such warnings out of the log, which
+must hold no patient data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Sequence
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
 
 from pydicom import Dataset
 
-__all__ = ["TYPE2_COPIED", "builder_sources"]
+__all__ = ["TYPE2_COPIED", "builder_sources", "no_patient_names_in_warnings"]
 
 #: Type 2 attributes of the Patient (PS3.3 C.7.1.1) and General Study (C.7.2.1) modules that
 #: highdicom's SEG and SR constructors read from the first source, in module order.
@@ -58,3 +65,25 @@ def builder_sources(datasets: Sequence[Dataset]) -> list[Dataset]:
     lacks. ``datasets`` are left as they are.
     """
     return [_header_copy(ds) for ds in datasets]
+
+
+class _DropPatientNames(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "patient_name" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def no_patient_names_in_warnings() -> Iterator[None]:
+    """While building a result: drop highdicom's warnings that quote a person name (the
+    ``UserWarning`` of its name check and its "patient_name is potentially invalid" record)."""
+    logger = logging.getLogger("highdicom.base")
+    drop = _DropPatientNames()
+    logger.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=r".*(person name|patient_name)", category=UserWarning
+            )
+            yield
+    finally:
+        logger.removeFilter(drop)

@@ -9,6 +9,7 @@ round-trips through bytes and highdicom's readers.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -923,6 +924,19 @@ def test_results_of_a_source_without_patient_id_study_id_and_study_date_are_vali
         assert read.PatientName == ct[0].PatientName
         assert read.AccessionNumber == ct[0].AccessionNumber
         assert read.StudyInstanceUID == ct[0].StudyInstanceUID
+
+
+def test_building_results_puts_no_patient_name_in_warnings_or_log_records(
+    caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
+) -> None:
+    ct = liver_ct()  # a one-component name, which highdicom warns about, quoting it
+    name = str(ct[0].PatientName)
+    caplog.set_level(logging.DEBUG)
+    mask = box_mask(ct)
+    result = _liver_result(ct, mask)
+    build_measurement_report(ct, build_segmentation(ct, mask, result), result)
+    texts = [str(w.message) for w in recwarn] + [r.getMessage() for r in caplog.records]
+    assert texts and not [t for t in texts if name in t]
 
 
 # --- a multi-frame source (enhanced CT, one file) ------------------------------------------
