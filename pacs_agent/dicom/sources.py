@@ -22,6 +22,8 @@ import warnings
 from collections.abc import Iterator, Sequence
 
 from pydicom import Dataset
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.tag import BaseTag
 
 __all__ = ["TYPE2_COPIED", "builder_sources", "no_patient_names_in_warnings"]
 
@@ -44,10 +46,18 @@ _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 
 
 def _header_copy(ds: Dataset) -> Dataset:
-    header = Dataset()
-    for element in ds:
-        if element.tag not in _PIXEL_TAGS:
-            header.add(copy.copy(element))
+    # Elements not read yet stay unconverted (immutable RawDataElements, shared, decoded with
+    # the source's encoding when highdicom reads them); converted ones are copied, so that
+    # setting one on the copy leaves the source alone.
+    elements: dict[BaseTag, DataElement | RawDataElement] = {
+        element.tag: copy.copy(element) if isinstance(element, DataElement) else element
+        for element in ds.elements()
+        if element.tag not in _PIXEL_TAGS
+    }
+    header = Dataset(elements)
+    implicit, little = ds.original_encoding
+    if implicit is not None and little is not None:
+        header.set_original_encoding(implicit, little, ds.original_character_set)
     if "file_meta" in ds.__dict__:
         header.file_meta = copy.copy(ds.file_meta)
     for keyword in TYPE2_COPIED:
@@ -59,9 +69,9 @@ def _header_copy(ds: Dataset) -> Dataset:
 def builder_sources(datasets: Sequence[Dataset]) -> list[Dataset]:
     """Header copies of ``datasets`` (same order) for highdicom's SEG and SR constructors.
 
-    Each copy holds shallow copies of the dataset's elements except pixel data (values are
-    shared, not duplicated, so a copy is cheap; setting an element of a copy leaves the source's
-    element alone), plus an empty element for each attribute of :data:`TYPE2_COPIED` the dataset
+    Each copy holds the dataset's elements except pixel data, without decoding or duplicating
+    their values (a copy is cheap; setting an element of a copy leaves the source's element
+    alone), plus an empty element for each attribute of :data:`TYPE2_COPIED` the dataset
     lacks. ``datasets`` are left as they are.
     """
     return [_header_copy(ds) for ds in datasets]
