@@ -137,7 +137,12 @@ class JobSteps:
 
 
 def _innermost_frame(exc: BaseException) -> traceback.FrameSummary | None:
+    """Where ``exc`` was raised: the innermost frame in one of :data:`_PACKAGES` (an error
+    raised by the standard library on behalf of highdicom is highdicom's), else the innermost."""
     frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ else []
+    for frame in reversed(frames):
+        if _package_of(frame):
+            return frame
     return frames[-1] if frames else None
 
 

@@ -41,6 +41,9 @@ TYPE2_COPIED = (
     "AccessionNumber",
 )
 
+#: The enumerated values of Patient's Sex, and empty.
+_PATIENT_SEX = frozenset({"M", "F", "O", ""})
+
 #: Pixel data elements: a result never needs its sources' pixels.
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 
@@ -63,6 +66,9 @@ def _header_copy(ds: Dataset) -> Dataset:
     for keyword in TYPE2_COPIED:
         if keyword not in header:
             setattr(header, keyword, None)
+    if str(header.PatientSex or "").strip().upper() not in _PATIENT_SEX:
+        # Not one of the enumerated values (PS3.3 C.7.1.1): highdicom refuses it; unknown.
+        header.PatientSex = None
     return header
 
 
@@ -72,7 +78,8 @@ def builder_sources(datasets: Sequence[Dataset]) -> list[Dataset]:
     Each copy holds the dataset's elements except pixel data, without decoding or duplicating
     their values (a copy is cheap; setting an element of a copy leaves the source's element
     alone), plus an empty element for each attribute of :data:`TYPE2_COPIED` the dataset
-    lacks. ``datasets`` are left as they are.
+    lacks. A Patient's Sex that is not one of its enumerated values (M, F, O), which highdicom
+    refuses, is empty (unknown) in the copy. ``datasets`` are left as they are.
     """
     return [_header_copy(ds) for ds in datasets]
 

@@ -939,6 +939,21 @@ def test_building_results_puts_no_patient_name_in_warnings_or_log_records(
     assert texts and not [t for t in texts if name in t]
 
 
+def test_a_patient_sex_outside_its_enumerated_values_is_written_empty(tmp_path: Path) -> None:
+    ct = liver_ct()
+    for ds in ct:
+        ds.PatientSex = "MALE"  # not M, F or O: highdicom refuses it
+    mask = box_mask(ct)
+    result = _liver_result(ct, mask)
+    seg = build_segmentation(ct, mask, result)
+    assert seg is not None
+    sr = build_measurement_report(ct, seg, result)
+    for name, obj in (("seg", seg), ("sr", sr)):
+        assert dciodvfy_errors(write_dataset(obj, tmp_path / f"{name}.dcm"))[0] == []
+        assert obj.PatientSex in (None, "")
+    assert ct[0].PatientSex == "MALE"
+
+
 # --- a multi-frame source (enhanced CT, one file) ------------------------------------------
 
 

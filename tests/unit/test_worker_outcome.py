@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 
+import highdicom as hd
 import pydicom
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
@@ -152,3 +153,21 @@ def test_patient_texts_of_the_sources_stay_out_of_the_reason_and_the_logged_trac
             assert secret.lower() not in text.lower(), (secret, text)
         assert REDACTED in text
     assert "Traceback" in logged and "SeriesVolumeError" in logged
+
+
+def test_a_library_that_refuses_the_input_is_named_with_its_message() -> None:
+    exc = _failure(
+        JobSteps(),
+        "building the Segmentation",
+        lambda: hd.seg.SegmentDescription(
+            segment_number=0,
+            segment_label="x",
+            segmented_property_category=hd.sr.CodedConcept("1", "SCT", "x"),
+            segmented_property_type=hd.sr.CodedConcept("1", "SCT", "x"),
+            algorithm_type="MANUAL",
+        ),
+    )
+    assert failure_reason(exc) == (
+        "building the Segmentation: highdicom could not use the series: "
+        "Segment number must be a positive integer below 65536."
+    )
