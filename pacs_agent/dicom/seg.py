@@ -145,6 +145,7 @@ def segment_numbers_by_tracking_uid(seg: Dataset) -> dict[str, int]:
     return numbers
 
 
+@no_patient_names_in_warnings()
 def build_segmentation(
     source_datasets: Sequence[Dataset],
     mask: np.ndarray,
@@ -245,23 +246,22 @@ def build_segmentation(
         )
         for number, spec in enumerate(included, start=1)
     ]
-    with no_patient_names_in_warnings():
-        return hd.seg.Segmentation(
-            source_images=sources,
-            pixel_array=labels,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions,
-            series_instance_uid=result.uids.seg_series_uid,
-            series_number=series_number,
-            sop_instance_uid=result.uids.seg_sop_uid,
-            instance_number=instance_number,
-            manufacturer=fit_long_string(algorithm.manufacturer),
-            manufacturer_model_name=fit_long_string(algorithm.name),
-            software_versions=fit_long_string(algorithm.version),
-            device_serial_number=algorithm.device_uid,
-            content_description=fit_long_string(f"{algorithm.name} {algorithm.version}"),
-            series_description=ai_series_description("SEG", algorithm),
-            contributing_equipment=[algorithm_equipment(algorithm)],
-            omit_empty_frames=any(present.values()),
-            specific_character_set=character_set(sources[0], result),
-        )
+    return hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=labels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=result.uids.seg_series_uid,
+        series_number=series_number,
+        sop_instance_uid=result.uids.seg_sop_uid,
+        instance_number=instance_number,
+        manufacturer=fit_long_string(algorithm.manufacturer),
+        manufacturer_model_name=fit_long_string(algorithm.name),
+        software_versions=fit_long_string(algorithm.version),
+        device_serial_number=algorithm.device_uid,
+        content_description=fit_long_string(f"{algorithm.name} {algorithm.version}"),
+        series_description=ai_series_description("SEG", algorithm),
+        contributing_equipment=[algorithm_equipment(algorithm)],
+        omit_empty_frames=any(present.values()),
+        specific_character_set=character_set(sources[0], result),
+    )

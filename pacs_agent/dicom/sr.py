@@ -194,6 +194,7 @@ def _classification_group(
     )
 
 
+@no_patient_names_in_warnings()
 def build_measurement_report(
     source_datasets: Sequence[Dataset],
     seg: Dataset | None,
@@ -257,22 +258,21 @@ def build_measurement_report(
     )
     algorithm = result.algorithm
     evidence = [*builder_sources(source_datasets), *([seg] if seg is not None else [])]
-    with no_patient_names_in_warnings():
-        return hd.sr.Comprehensive3DSR(
-            evidence=evidence,
-            content=report,
-            series_instance_uid=result.uids.sr_series_uid,
-            series_number=series_number,
-            sop_instance_uid=result.uids.sr_sop_uid,
-            instance_number=instance_number,
-            manufacturer=fit_long_string(algorithm.manufacturer),
-            is_complete=True,
-            is_final=False,
-            is_verified=False,
-            contributing_equipment=[algorithm_equipment(algorithm)],
-            series_description=ai_series_description("SR", algorithm),
-            manufacturer_model_name=fit_long_string(algorithm.name),
-            software_versions=fit_long_string(algorithm.version),
-            device_serial_number=algorithm.device_uid,
-            specific_character_set=character_set(source, result),
-        )
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=result.uids.sr_series_uid,
+        series_number=series_number,
+        sop_instance_uid=result.uids.sr_sop_uid,
+        instance_number=instance_number,
+        manufacturer=fit_long_string(algorithm.manufacturer),
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        contributing_equipment=[algorithm_equipment(algorithm)],
+        series_description=ai_series_description("SR", algorithm),
+        manufacturer_model_name=fit_long_string(algorithm.name),
+        software_versions=fit_long_string(algorithm.version),
+        device_serial_number=algorithm.device_uid,
+        specific_character_set=character_set(source, result),
+    )
