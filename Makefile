@@ -5,6 +5,9 @@
 
 PYTHON ?= python3
 VENV ?= .venv
+# Test processes (pytest-xdist): the integration tests mostly wait on servers, so two
+# processes on two cores finish the suite well before one does. PYTEST_WORKERS=0 runs serially.
+PYTEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 
 .PHONY: demo test lint typecheck pytest system-deps venv clean
@@ -32,7 +35,7 @@ typecheck: venv
 	$(BIN)/mypy
 
 pytest: venv system-deps
-	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -ra -n $(PYTEST_WORKERS) --dist load $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 

@@ -2,10 +2,12 @@
 
 A model card (``pacs-agent.toml`` in the bundle's root) says what the bundle does, which series it
 accepts (its input contract; *which* models run is decided by the routing rules), how each label
-is coded, which thresholds turn outputs into findings and flags, its version and whether it may be
-used clinically. The bundle's own files are never edited: configuration entries the deployment
-wants different (``displayable_configs#highres = false``) go into the card's ``[runtime]``
-overrides. Reading the catalog imports no torch: the listener uses it to create jobs.
+is coded, which thresholds turn outputs into findings and flags (a probability per
+classification output; a volume and a minimum connected component per segment), its version
+and whether it may be used clinically. The bundle's own files are never edited: configuration
+entries the deployment wants different (``displayable_configs#highres = false``) go into the
+card's ``[runtime]`` overrides. Reading the catalog imports no torch: the listener uses it to
+create jobs.
 
 A card, in full::
 
@@ -23,18 +25,26 @@ A card, in full::
     photometric = []                 # PhotometricInterpretation (empty: any)
     min_slices = 1                   # image planes the model needs
     max_slices = 0                   # 0: no upper limit
-    gantry_tilt = false              # accept tilted CT (the volume is then sheared)
+    gantry_tilt = "resample"         # tilted CT: "resample" onto an orthogonal grid (labels
+                                     # mapped back onto the tilted slices), "reject" it, or
+                                     # hand the model the "sheared" grid as acquired
 
     [runtime]
     overrides = { "displayable_configs#highres" = false }
     input = "volume"                 # "volume": the whole series; "image": each image
                                      # (classification: the series gets the highest probability)
 
+    [detection]                      # segmentation: when a segment is a finding (defaults)
+    min_volume_mm3 = 0.0             # detected when the kept volume is at least this
+    min_component_mm3 = 0.0          # connected components smaller than this are dropped
+    connectivity = 26                # 6, 18 or 26 neighbours join voxels into a component
+
     [[segments]]                     # segmentation: label value -> coded segment
     number = 1
     label = "Spleen"
     category = { value = "123037004", scheme = "SCT", meaning = "Anatomical Structure" }
     type = { value = "78961009", scheme = "SCT", meaning = "Spleen" }
+    min_volume_mm3 = 5000.0          # any [detection] key here overrides it for this segment
 
     [[findings]]                     # classification: output channel -> coded finding
     index = 1
@@ -56,6 +66,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydicom import Dataset
 
+from pacs_agent.dicom.volume import GantryTilt
+from pacs_agent.domain.detection import DetectionCriteria
 from pacs_agent.domain.results import AlgorithmSpec, CodedConcept, SegmentSpec
 from pacs_agent.domain.uids import device_uid
 
@@ -77,12 +89,36 @@ class _Code(BaseModel):
         return CodedConcept(self.value, self.scheme, self.meaning)
 
 
+class _Detection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min_volume_mm3: float = Field(0.0, ge=0, allow_inf_nan=False)
+    min_component_mm3: float = Field(0.0, ge=0, allow_inf_nan=False)
+    connectivity: Literal[6, 18, 26] = 26
+
+
 class _Segment(BaseModel):
     model_config = ConfigDict(extra="forbid")
     number: int = Field(ge=1, le=255)
     label: str = Field(min_length=1, max_length=64)
     category: _Code
     type: _Code
+    min_volume_mm3: float | None = Field(None, ge=0, allow_inf_nan=False)
+    min_component_mm3: float | None = Field(None, ge=0, allow_inf_nan=False)
+    connectivity: Literal[6, 18, 26] | None = None
+
+    def criteria(self, defaults: _Detection) -> DetectionCriteria:
+        """This segment's thresholds: its own keys, else the card's ``[detection]``."""
+        return DetectionCriteria(
+            min_volume_mm3=(
+                defaults.min_volume_mm3 if self.min_volume_mm3 is None else self.min_volume_mm3
+            ),
+            min_component_mm3=(
+                defaults.min_component_mm3
+                if self.min_component_mm3 is None
+                else self.min_component_mm3
+            ),
+            connectivity=defaults.connectivity if self.connectivity is None else self.connectivity,
+        )
 
 
 class _Finding(BaseModel):
@@ -117,7 +153,15 @@ class _Accepts(BaseModel):
     photometric: list[str] = Field(default_factory=list)
     min_slices: int = Field(1, ge=1)
     max_slices: int = Field(0, ge=0)
-    gantry_tilt: bool = False
+    gantry_tilt: GantryTilt = "resample"
+
+    @field_validator("gantry_tilt", mode="before")
+    @classmethod
+    def _legacy_tilt(cls, v: Any) -> Any:
+        # Cards written before tilt correction said true (sheared affine) or false (refuse).
+        if isinstance(v, bool):
+            return "sheared" if v else "reject"
+        return v
 
     @field_validator("modality", "body_part", "photometric")
     @classmethod
@@ -136,6 +180,7 @@ class _Card(BaseModel):
     model: _Model
     accepts: _Accepts = Field(default_factory=_Accepts)
     runtime: _Runtime = Field(default_factory=_Runtime)
+    detection: _Detection | None = None
     segments: list[_Segment] = Field(default_factory=list)
     findings: list[_Finding] = Field(default_factory=list)
 
@@ -150,7 +195,7 @@ class AcceptsSpec:
     photometric: tuple[str, ...] = ()
     min_slices: int = 1
     max_slices: int = 0
-    gantry_tilt: bool = False
+    gantry_tilt: GantryTilt = "resample"
 
     def rejects(self, attributes: Mapping[str, Any] | Dataset, num_images: int) -> str | None:
         """Why a series with these DICOM attributes (keyword -> value, from its first instance)
@@ -237,6 +282,9 @@ class ModelCard:
                     "label": s.label,
                     "category": vars(s.category),
                     "type": vars(s.type),
+                    "min_volume_mm3": s.detection.min_volume_mm3,
+                    "min_component_mm3": s.detection.min_component_mm3,
+                    "connectivity": s.detection.connectivity,
                 }
                 for s in self.segments
             ],
@@ -308,6 +356,8 @@ def read_card(bundle_dir: Path) -> ModelCard:
             raise fail("a classification model needs at least one [[findings]]")
         if card.segments:
             raise fail("[[segments]] are for segmentation models; use [[findings]]")
+        if card.detection is not None:
+            raise fail("[detection] is for segmentation models; findings have a threshold")
     numbers = [s.number for s in card.segments]
     if len(set(numbers)) != len(numbers):
         raise fail(f"segments.number repeats: {numbers}")
@@ -347,7 +397,13 @@ def read_card(bundle_dir: Path) -> ModelCard:
         description=card.model.description,
         accepts_modality=accepts.modality,
         segments=tuple(
-            SegmentSpec(s.number, s.label, s.category.concept(), s.type.concept())
+            SegmentSpec(
+                s.number,
+                s.label,
+                s.category.concept(),
+                s.type.concept(),
+                s.criteria(card.detection or _Detection()),
+            )
             for s in card.segments
         ),
         bundle_dir=bundle_dir,

@@ -349,6 +349,9 @@ class ExportSettings(Section):
     backoff_factor: float = Field(2.0, ge=1)
     backoff_max_s: float = Field(60.0, ge=0)
     """Longest wait between two attempts."""
+    failure_notices: bool = True
+    """When a job fails for good, send the destinations an SR saying the AI could not process
+    the series, and why (docs/conformance.md)."""
 
     @field_validator("destinations")
     @classmethod

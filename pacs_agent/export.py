@@ -6,6 +6,11 @@ and SR. A destination that fails is tried again after an exponentially growing w
 :func:`requeue_export` (the ``pacs-agent retry`` command) starts a new round. Every attempt at
 every object is a row in ``exports`` (destination, attempt, time, status, error).
 
+A job that failed for good may carry a failure notice (an SR saying the AI could not process
+the series, and why: :mod:`pacs_agent.notices`) as its ``sr_path``. The exporter sends it the
+same way and records the same ``exports`` rows, and the job stays ``failed``; a notice that
+cannot be delivered adds that to the job's reason.
+
 Sending again never duplicates: the objects carry deterministic UIDs, so a PACS that already
 holds one keeps one copy (DESIGN invariant 3). A new round skips the destinations that already
 hold every object of this run of the job.
@@ -23,7 +28,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.config import DicomDestination, DicomWebDestination, ExportSettings, Settings
@@ -201,13 +206,19 @@ def export_job(
     send_to: Sender = sender or (lambda d, p: send(settings, d, p))
     with session_factory() as session:
         job = session.get(Job, job_id)
-        if job is None or job.status != JobStatus.EXPORTING.value:
+        notice = job is not None and job.status == JobStatus.FAILED.value and bool(job.sr_path)
+        if job is None or (job.status != JobStatus.EXPORTING.value and not notice):
             return f"skipped: job {job_id} is {job.status if job else 'missing'}"
         paths = [settings.results_dir / p for p in (job.seg_path, job.sr_path) if p]
+        reason = job.reason or ""
         sent = {d.name: _already_sent(session, job, d.name) for d in settings.export.destinations}
     try:
         files = [_File(p, str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)) for p in paths]
     except (OSError, InvalidDicomError, AttributeError) as exc:
+        if notice:
+            return _notice_undelivered(
+                session_factory, job_id, reason, [f"unreadable: {type(exc).__name__}: {exc}"]
+            )
         reason = f"result file unreadable: {type(exc).__name__}: {exc}"
         done = now()
         with session_factory.begin() as session:
@@ -261,6 +272,11 @@ def export_job(
                 wait,
             )
             sleep(wait)
+    if notice:
+        if errors:
+            return _notice_undelivered(session_factory, job_id, reason, errors)
+        log.info("job %d: failure notice sent", job_id)
+        return "notice_sent"
     done = now()
     with session_factory.begin() as session:
         if errors:
@@ -286,6 +302,22 @@ def export_job(
         )
     log.info("job %d: exported to %d destination(s)", job_id, len(settings.export.destinations))
     return "exported"
+
+
+def _notice_undelivered(
+    session_factory: sessionmaker[Session], job_id: int, reason: str, errors: list[str]
+) -> str:
+    """Add to a failed job's reason that its failure notice did not reach the destinations."""
+    note = f"{reason} [failure notice not delivered: {'; '.join(errors)}]"
+    with session_factory.begin() as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.FAILED.value)
+            .values(reason=note[:2000])
+            .execution_options(synchronize_session=False)
+        )
+    log.warning("job %d: failure notice not delivered: %s", job_id, "; ".join(errors))
+    return "notice_failed"
 
 
 def requeue_export(session_factory: sessionmaker[Session], job_id: int, now: datetime) -> bool:

@@ -1,7 +1,9 @@
 """Findings in the database: what each job found, queryable by study.
 
 A job's findings are rows of ``findings``: one per segment of a segmentation model (label,
-coded type, voxel count, volume, mean HU, flag = detected) and one per output of a
+coded type, and of the voxels kept after the card drops small connected components: voxel
+count, volume, mean HU, the number of components and the largest one's volume; the card's
+volume threshold; flag = detected) and one per output of a
 classification model (label, coded finding, probability, the card's threshold, flag =
 probability >= threshold). With the job they give the SEG and SR SOP Instance UIDs.
 """
@@ -37,6 +39,9 @@ def finding_rows(job_id: int, result: JobResult) -> list[Finding]:
             voxel_count=s.voxel_count,
             volume_mm3=s.volume_mm3,
             mean_hu=s.mean_hu,
+            component_count=s.component_count,
+            largest_component_mm3=s.largest_component_mm3,
+            min_volume_mm3=s.segment.detection.min_volume_mm3,
             flag=s.detected,
         )
         for s in result.segments
@@ -85,6 +90,9 @@ class StudyFinding:
     flag: bool
     volume_mm3: float | None
     mean_hu: float | None
+    component_count: int | None
+    largest_component_mm3: float | None
+    min_volume_mm3: float | None
     probability: float | None
     threshold: float | None
     seg_sop_instance_uid: str | None
@@ -126,6 +134,9 @@ def findings_of_study(session: Session, study_instance_uid: str) -> list[StudyFi
             flag=finding.flag,
             volume_mm3=finding.volume_mm3,
             mean_hu=finding.mean_hu,
+            component_count=finding.component_count,
+            largest_component_mm3=finding.largest_component_mm3,
+            min_volume_mm3=finding.min_volume_mm3,
             probability=finding.probability,
             threshold=finding.threshold,
             seg_sop_instance_uid=job.seg_sop_instance_uid,

@@ -38,6 +38,7 @@ from pacs_agent.domain.completeness import (
 )
 from pacs_agent.domain.jobs import JobStatus
 from pacs_agent.domain.routing import Rule, select_models
+from pacs_agent.notices import send_failure_notice
 from pacs_agent.queue import Dispatcher, TaskLimits
 
 log = logging.getLogger(__name__)
@@ -268,7 +269,7 @@ class Scheduler:
         for job_id, attempts in expired:
             if attempts >= w.max_attempts:
                 with self.session_factory.begin() as session:
-                    transition(
+                    moved = transition(
                         session,
                         job_id,
                         JobStatus.FAILED,
@@ -281,6 +282,10 @@ class Scheduler:
                         ),
                     )
                 log.error("job %d: lease expired after %d attempt(s); failed", job_id, attempts)
+                if moved:
+                    send_failure_notice(
+                        self.settings, self.session_factory, self.dispatcher.send_export, job_id
+                    )
                 continue
             with self.session_factory.begin() as session:
                 moved = transition(

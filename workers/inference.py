@@ -133,6 +133,7 @@ def _produce(ctx: WorkerContext, job_id: int, steps: JobSteps) -> dict[str, str 
         segments=segments,
         uids=uids,
         classifications=output.classifications,
+        processing_notes=output.processing_notes,
     )
     with steps.step("building the Segmentation"):
         seg = (

@@ -3,7 +3,8 @@
 A transient error is one a later try may not meet: a database or broker connection dropped, a
 file system hiccup, the GPU out of memory because another job held it. Everything else (bad
 input, an unknown model, a bug, the soft time limit) is permanent: the job fails with its
-reason, visible in ``pacs-agent jobs show``.
+reason, visible in ``pacs-agent jobs show``, and (``export.failure_notices``, on by default) a
+failure notice SR goes to the export destinations so the PACS side knows no result will come.
 
 The reason is written for the administrator, never as a bare Python exception: the step the
 job was in (:class:`JobSteps`), then what was wrong. Errors of pacs-agent's own (refused input,
@@ -34,6 +35,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from pacs_agent.db.jobs import transition
 from pacs_agent.db.models import Job, utcnow
 from pacs_agent.domain.jobs import JobStatus, TransientError, retry_delay
+from pacs_agent.notices import send_failure_notice
 from pacs_agent.scheduler import time_limits
 
 if TYPE_CHECKING:
@@ -296,4 +298,5 @@ def fail_or_retry(ctx: WorkerContext, job_id: int, exc: BaseException) -> str:
             updated_at=now,
             lease_expires_at=None,
         )
+    send_failure_notice(ctx.settings, ctx.session_factory, ctx.dispatcher.send_export, job_id)
     return "failed"

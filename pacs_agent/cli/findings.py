@@ -28,8 +28,8 @@ def findings(
     study_uid: Annotated[str, typer.Argument(help="Study Instance UID.")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """List the findings of every job of a study: label, code, volume, probability, flag,
-    and the SEG and SR SOP Instance UIDs."""
+    """List the findings of every job of a study: label, code, volume, connected components
+    and the largest one's volume, probability, flag, and the SEG and SR SOP Instance UIDs."""
     from pacs_agent.findings import findings_of_study
 
     settings = settings_from(ctx)
@@ -44,6 +44,8 @@ def findings(
                 f"{f.kind} {f.number} {f.label} ({f.code_scheme} {f.code_value} "
                 f'"{f.code_meaning}") flag={"yes" if f.flag else "no"} '
                 f"volume_mm3={_number(f.volume_mm3, 1)} mean_hu={_number(f.mean_hu, 1)} "
+                f"components={'-' if f.component_count is None else f.component_count} "
+                f"largest_mm3={_number(f.largest_component_mm3, 1)} "
                 f"probability={_number(f.probability, 3)} "
                 f"seg={f.seg_sop_instance_uid or '-'} sr={f.sr_sop_instance_uid or '-'}"
             )

@@ -169,6 +169,8 @@ def jobs_show(
                 "code": f"({f.code_value}, {f.code_scheme}, {f.code_meaning!r})",
                 "detected": f.detected,
                 "volume_mm3": f.volume_mm3,
+                "component_count": f.component_count,
+                "largest_component_mm3": f.largest_component_mm3,
                 "flag": f.flag,
             }
             for f in session.scalars(

@@ -203,6 +203,11 @@ class Finding(Base):
     voxel_count: Mapped[int] = mapped_column(BigInteger, default=0)
     volume_mm3: Mapped[float | None] = mapped_column(Float)
     mean_hu: Mapped[float | None] = mapped_column(Float)
+    #: A segment's connected components that count (at least the card's minimum size), the
+    #: volume of the largest, and the card's volume threshold for ``detected``.
+    component_count: Mapped[int | None] = mapped_column(Integer)
+    largest_component_mm3: Mapped[float | None] = mapped_column(Float)
+    min_volume_mm3: Mapped[float | None] = mapped_column(Float)
     probability: Mapped[float | None] = mapped_column(Float)
     #: The model card's threshold of a classification; ``flag`` is probability >= threshold.
     threshold: Mapped[float | None] = mapped_column(Float)

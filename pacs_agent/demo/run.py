@@ -142,9 +142,12 @@ def _report(sf: sessionmaker[Session], settings: Settings, jobs: list[Job]) -> i
         for f in findings:
             if f.detected:
                 hu = f", mean {f.mean_hu:.0f} HU" if f.mean_hu is not None else ""
+                parts = (
+                    f", {f.component_count} component(s)" if f.component_count is not None else ""
+                )
                 print(
                     f"  finding: {f.label} ({f.code_meaning}, {f.code_scheme} {f.code_value}):"
-                    f" {f.volume_mm3:.0f} mm3{hu}"
+                    f" {f.volume_mm3:.0f} mm3{hu}{parts}"
                 )
             else:
                 print(f"  finding: {f.label}: not detected")

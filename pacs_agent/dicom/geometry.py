@@ -1,14 +1,21 @@
-"""Slice geometry and per-segment statistics of a single-frame image series.
+"""Slice geometry and per-segment statistics of an image series.
 
 Pure functions: datasets and arrays in, numbers out. The convention everywhere in
-``pacs_agent.dicom`` is that ``mask[i]`` belongs to ``datasets[i]`` (in the order the caller
-passes them), and that a mask is a *label map*: the voxels whose value is a segment's
-``SegmentSpec.number`` belong to that segment, 0 is background.
+``pacs_agent.dicom`` is that ``mask[i]`` belongs to the ``i``-th image plane of the datasets:
+``datasets[i]`` for single-frame instances (in the order the caller passes them), frame
+``i + 1`` for one multi-frame image (enhanced CT/MR); see :func:`plane_headers`. A mask is a
+*label map*: the voxels whose value is a segment's ``SegmentSpec.number`` belong to that
+segment, 0 is background.
+
+:func:`measure_segments` also finds each segment's connected components (scipy, the worker's
+dependency, imported only when it runs) and applies the model card's thresholds
+(``pacs_agent.domain.detection``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -16,6 +23,7 @@ from pydicom import Dataset
 from pydicom.pixels.processing import apply_modality_lut
 
 from pacs_agent.dicom.volume import _functional, _group_item, frames_of
+from pacs_agent.domain.detection import ComponentSelection, select_components
 from pacs_agent.domain.results import SegmentResult, SegmentSpec
 
 #: Two slice spacings (or two pixel spacings) closer than this are the same, in mm.
@@ -259,36 +267,85 @@ def check_labels(counts: npt.NDArray[np.int64], segments: Sequence[SegmentSpec])
         raise ValueError(f"mask holds labels {undescribed} that no SegmentSpec describes")
 
 
-def segment_results(
-    mask: np.ndarray, datasets: Sequence[Dataset], segments: Sequence[SegmentSpec]
-) -> tuple[SegmentResult, ...]:
-    """Voxel count, volume (mm3) and, for CT, mean HU of each segment, in ``segments`` order.
+@dataclass(frozen=True)
+class MeasuredSegments:
+    """The statistics of each segment and the label map a Segmentation of them carries.
 
-    ``mask`` is a (frames, rows, cols) label map with ``mask[i]`` on the ``i``-th image plane
-    of ``datasets`` (``datasets[i]``, or frame ``i + 1`` of one multi-frame image).
-    Mean HU applies RescaleSlope/RescaleIntercept (or the Modality LUT) to the source pixel
-    data, which may be compressed (pylibjpeg decodes JPEG 2000); it is None for a segment with
-    no voxels and for any modality other than CT. Works one frame at a time and decodes only
-    the frames that hold a segment.
-
-    Raises ValueError on a mask that does not fit the datasets, undescribed labels, a geometry
-    without a single voxel volume (see :func:`voxel_volume_mm3`), or CT headers without pixel
-    data when a segment has voxels.
+    ``mask`` holds the kept components of the detected segments only (same shape, order and
+    dtype as the model's label map): dropped components and segments not detected are 0, so
+    the SEG shows exactly what the SR reports as present.
     """
-    mask = np.asarray(mask)
-    planes = plane_headers(datasets)
-    check_mask(mask, planes)
+
+    mask: np.ndarray
+    segments: tuple[SegmentResult, ...]
+
+
+def _structure(connectivity: int) -> npt.NDArray[np.bool_]:
+    from scipy import ndimage  # the worker's dependency; the listener never measures
+
+    rank = {6: 1, 18: 2, 26: 3}[connectivity]
+    return np.asarray(ndimage.generate_binary_structure(3, rank), dtype=np.bool_)
+
+
+def _keep_components(
+    mask: np.ndarray,
+    datasets: Sequence[Dataset],
+    segments: Sequence[SegmentSpec],
+    counts: npt.NDArray[np.int64],
+    voxel_volume: float,
+) -> tuple[np.ndarray, dict[int, ComponentSelection]]:
+    """``mask`` without the components the card drops, and each segment's selection.
+
+    Components are found in 3D on the slices in their order along the normal (neighbouring
+    frames are neighbouring slices), one segment at a time inside its bounding box.
+    """
+    from scipy import ndimage
+
+    none = ComponentSelection((), 0, 0, 0)
+    present = [s for s in segments if s.number < len(counts) and counts[s.number] > 0]
+    selections = {s.number: none for s in segments}
+    if not present:
+        return mask, selections
+    order = slice_order(datasets) if len(datasets) > 1 else [0]
+    volume = mask[order]  # a copy, in slice order
+    labels_view = volume.view(np.uint8) if volume.dtype == np.bool_ else volume
+    boxes = ndimage.find_objects(labels_view)
+    dropped_any = False
+    for spec in present:
+        box = boxes[spec.number - 1]
+        region = labels_view[box]
+        components, n = ndimage.label(
+            region == spec.number, structure=_structure(spec.detection.connectivity)
+        )
+        sizes = np.bincount(np.ravel(components), minlength=n + 1)[1:]
+        selection = select_components([int(v) for v in sizes], voxel_volume, spec.detection)
+        selections[spec.number] = selection
+        if selection.dropped:
+            keep = np.zeros(n + 1, dtype=np.bool_)
+            keep[np.asarray(selection.kept, dtype=np.int64) + 1] = True
+            region[(components > 0) & ~keep[components]] = 0
+            dropped_any = True
+    if not dropped_any:
+        return mask, selections
+    kept = np.empty_like(mask)
+    kept[order] = volume
+    return kept, selections
+
+
+def _statistics(
+    mask: np.ndarray,
+    datasets: Sequence[Dataset],
+    planes: Sequence[Dataset],
+    segments: Sequence[SegmentSpec],
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], bool]:
+    """Voxel count and HU sum of every label value, and whether the series is CT.
+
+    ``planes`` are the :func:`plane_headers` of ``datasets`` (``mask[i]`` on ``planes[i]``)."""
     counts = label_counts(mask)
-    check_labels(counts, segments)
-    voxel_volume = voxel_volume_mm3(planes)
     size = len(counts)
-
-    def count(spec: SegmentSpec) -> int:
-        return int(counts[spec.number]) if spec.number < size else 0
-
     sums = np.zeros(size, dtype=np.float64)
     is_ct = all(str(ds.get("Modality", "")) == "CT" for ds in datasets)
-    if is_ct and any(count(spec) for spec in segments):
+    if is_ct and any(s.number < size and counts[s.number] for s in segments):
         decoded: dict[int, np.ndarray] = {}
         frames = frames_of(datasets) if any(is_multi_frame(ds) for ds in datasets) else None
         for index, (plane, frame) in enumerate(zip(planes, mask, strict=True)):
@@ -310,13 +367,69 @@ def segment_results(
                 stored = pixels[frames[index].frame_index] if pixels.ndim == 3 else pixels
             hounsfield = np.asarray(apply_modality_lut(stored, plane), dtype=np.float64)
             sums += np.bincount(labels, weights=np.ravel(hounsfield), minlength=size)
+    return counts, sums, is_ct
 
-    return tuple(
+
+def measure_segments(
+    mask: np.ndarray, datasets: Sequence[Dataset], segments: Sequence[SegmentSpec]
+) -> MeasuredSegments:
+    """Each segment's connected components, kept volume and mean HU, and the label map to
+    put in the Segmentation.
+
+    ``mask`` is a (frames, rows, cols) label map with ``mask[i]`` on the ``i``-th image plane
+    of ``datasets`` (``datasets[i]``, or frame ``i + 1`` of one multi-frame image). Per
+    segment (``segments`` order), its connected components (3D, the card's connectivity) are
+    counted; those below the card's ``min_component_mm3`` are dropped. Of the kept voxels: the
+    voxel count, the volume (count x the voxel volume from the slice geometry), the number of
+    components and the volume of the largest, and for CT the mean HU (RescaleSlope/Intercept or
+    the Modality LUT applied to the source pixel data, which may be compressed; None for a
+    segment without kept voxels and for other modalities). A segment is detected when its
+    kept volume reaches the card's ``min_volume_mm3`` (:class:`SegmentResult.detected`).
+    The returned mask is the input without dropped components and without the segments not
+    detected (the input itself when nothing is removed).
+
+    Raises ValueError on a mask that does not fit the datasets, undescribed labels, a geometry
+    without a single voxel volume (see :func:`voxel_volume_mm3`), or CT headers without pixel
+    data when a segment has voxels.
+    """
+    mask = np.asarray(mask)
+    planes = plane_headers(datasets)
+    check_mask(mask, planes)
+    labelled = label_counts(mask)
+    check_labels(labelled, segments)
+    voxel_volume = voxel_volume_mm3(planes)
+    kept, selections = _keep_components(mask, planes, segments, labelled, voxel_volume)
+    counts, sums, is_ct = _statistics(kept, datasets, planes, segments)
+    size = len(counts)
+
+    def count(spec: SegmentSpec) -> int:
+        return int(counts[spec.number]) if spec.number < size else 0
+
+    results = tuple(
         SegmentResult(
             segment=spec,
             voxel_count=count(spec),
             volume_mm3=count(spec) * voxel_volume,
             mean_hu=float(sums[spec.number]) / count(spec) if is_ct and count(spec) else None,
+            component_count=selections[spec.number].component_count,
+            largest_component_mm3=selections[spec.number].largest_voxels * voxel_volume,
         )
         for spec in segments
     )
+    undetected = [r.segment.number for r in results if r.voxel_count and not r.detected]
+    if undetected:
+        kept = kept.copy() if kept is mask else kept
+        kept[np.isin(_as_labels(kept), undetected)] = 0
+    return MeasuredSegments(kept, results)
+
+
+def _as_labels(mask: np.ndarray) -> np.ndarray:
+    return mask.view(np.uint8) if mask.dtype == np.bool_ else mask
+
+
+def segment_results(
+    mask: np.ndarray, datasets: Sequence[Dataset], segments: Sequence[SegmentSpec]
+) -> tuple[SegmentResult, ...]:
+    """The segment statistics of :func:`measure_segments` (without the Segmentation's mask:
+    a SEG is built from ``measure_segments(...).mask``, which lacks what the card drops)."""
+    return measure_segments(mask, datasets, segments).segments

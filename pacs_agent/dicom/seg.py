@@ -169,14 +169,18 @@ def build_segmentation(
     Name = model name, Software Versions = model version, Device Serial Number = device UID).
     Headers without pixel data are enough as sources.
 
+    ``mask`` must be what the result measured: the label map
+    :func:`pacs_agent.dicom.geometry.measure_segments` returns (without the components the
+    model card drops and the segments it does not detect).
+
     Type 2 patient and study attributes the sources lack are written empty
     (:func:`pacs_agent.dicom.sources.builder_sources`); the sources are not modified.
 
     Raises ValueError when the mask does not fit the sources, holds labels that
     ``result.segments`` does not describe, disagrees with ``result`` about which segments
-    were detected, the sources are not one stack of parallel slices, or they mix a
-    multi-frame image with other instances (a SEG references one multi-frame image or
-    single-frame instances).
+    were detected or how many voxels a detected one has, the sources are not one stack of
+    parallel slices, or they mix a multi-frame image with other instances (a SEG references
+    one multi-frame image or single-frame instances).
     """
     if not source_datasets:
         raise ValueError("no source datasets")
@@ -197,10 +201,17 @@ def build_segmentation(
         spec.number: bool(spec.number < len(counts) and counts[spec.number] > 0) for spec in specs
     }
     for segment in result.segments:
-        if present[segment.segment.number] != segment.detected:
+        number = segment.segment.number
+        if present[number] != segment.detected:
             raise ValueError(
-                f"segment {segment.segment.number} ({segment.segment.label}): the mask and the "
+                f"segment {number} ({segment.segment.label}): the mask and the "
                 f"result disagree on whether it was detected"
+            )
+        if segment.detected and int(counts[number]) != segment.voxel_count:
+            raise ValueError(
+                f"segment {number} ({segment.segment.label}): the mask has "
+                f"{int(counts[number])} voxels, the result counts {segment.voxel_count} "
+                "(build the SEG from the mask measure_segments returns)"
             )
     included = [spec for spec in specs if present[spec.number] or include_empty]
     if not any(present.values()) and not include_empty:

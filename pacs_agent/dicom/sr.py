@@ -10,7 +10,10 @@ Content tree:
   Tracking UID as the SEG segment), Referenced Segment (the SEG instance and segment number,
   and the source series), finding category and type from the model card, qualitative
   evaluation "<type> = Present" (CID 240), Volume in mm3 and, for CT, the mean Attenuation
-  Coefficient in Hounsfield units, each with the algorithm identification (TID 4019);
+  Coefficient in Hounsfield units (both of the kept voxels: the model card drops connected
+  components below its minimum size), the number of connected components kept and the volume
+  of the largest (private codes, :data:`COMPONENT_COUNT` and :data:`LARGEST_COMPONENT_VOLUME`:
+  DICOM defines none), each with the algorithm identification (TID 4019);
 - for each segment not detected a TID 1501 group with the same tracking identifier, finding
   category and type, and the qualitative evaluation "<type> = Absent" (CID 240:
   SCT 272519000);
@@ -18,6 +21,9 @@ Content tree:
   finding type = the coded finding, the qualitative evaluation "<finding> = Present" when the
   probability reaches the model card's threshold and "Absent" below it, and the measurement
   "Probability" (DCM 122157, unit "no units" {1}) with the algorithm identification.
+
+The algorithm identification carries ``result.processing_notes`` as TID 4019 Algorithm
+Parameters (e.g. that a gantry-tilted input was resampled onto an orthogonal grid).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr import CodedConcept
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
@@ -45,6 +52,21 @@ from pacs_agent.domain.results import JobResult, SegmentResult
 
 #: Default Series Number of the SR series.
 SR_SERIES_NUMBER = SEG_SERIES_NUMBER + 1
+
+#: pacs-agent's private coding scheme (PS3.3 8.2: private designators begin with "99"), for
+#: the measurements PS3.16 has no code for; identified in the SR's Coding Scheme Identification
+#: Sequence whenever the SR uses it, and listed in docs/conformance.md.
+PRIVATE_SCHEME = "99PACSAGENT"
+#: Number of connected components of a segment that count (unit: no units, UCUM "1").
+COMPONENT_COUNT = CodedConcept(
+    value="NCOMPONENTS", scheme_designator=PRIVATE_SCHEME, meaning="Connected component count"
+)
+#: Volume of the largest connected component of a segment (unit: mm3).
+LARGEST_COMPONENT_VOLUME = CodedConcept(
+    value="LARGESTCOMPVOL",
+    scheme_designator=PRIVATE_SCHEME,
+    meaning="Largest connected component volume",
+)
 
 #: Procedure reported when the study carries no Procedure Code Sequence (CID 100).
 _PROCEDURE_BY_MODALITY = {
@@ -95,6 +117,7 @@ def _algorithm_id(result: JobResult) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(
         name=result.algorithm.name,
         version=result.algorithm.version,
+        parameters=list(result.processing_notes) or None,
         family=codes.cid7162.ArtificialIntelligence,
         manufacturer=result.algorithm.manufacturer,
     )
@@ -126,6 +149,24 @@ def _detected_group(
                 value=segment.mean_hu,
                 unit=codes.UCUM.HounsfieldUnit,
                 derivation=codes.SCT.Mean,
+                algorithm_id=_algorithm_id(result),
+            )
+        )
+    if segment.component_count is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=COMPONENT_COUNT,
+                value=segment.component_count,
+                unit=codes.UCUM.NoUnits,
+                algorithm_id=_algorithm_id(result),
+            )
+        )
+    if segment.largest_component_mm3 is not None:
+        measurements.append(
+            hd.sr.Measurement(
+                name=LARGEST_COMPONENT_VOLUME,
+                value=segment.largest_component_mm3,
+                unit=codes.UCUM.CubicMillimeter,
                 algorithm_id=_algorithm_id(result),
             )
         )
@@ -258,6 +299,10 @@ def build_measurement_report(
     )
     algorithm = result.algorithm
     evidence = [*builder_sources(source_datasets), *([seg] if seg is not None else [])]
+    private = any(
+        s.detected and (s.component_count is not None or s.largest_component_mm3 is not None)
+        for s in result.segments
+    )
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
@@ -275,4 +320,14 @@ def build_measurement_report(
         software_versions=fit_long_string(algorithm.version),
         device_serial_number=algorithm.device_uid,
         specific_character_set=character_set(source, result),
+        coding_schemes=[_private_scheme()] if private else None,
+    )
+
+
+def _private_scheme() -> CodingSchemeIdentificationItem:
+    return CodingSchemeIdentificationItem(
+        designator=PRIVATE_SCHEME,
+        name="pacs-agent private codes",
+        version="1",
+        responsible_organization="pacs-agent",
     )

@@ -8,8 +8,9 @@ can act on:
 * frames of another orientation mixed in (a localizer / scout, or a second plane);
 * two frames at one position (a duplicate or a second acquisition in the same series);
 * missing slices (a gap that is a whole number of slice steps) and otherwise uneven spacing;
-* gantry tilt (the slices step along a direction that is not their normal), unless allowed: then
-  the affine is sheared along the real step, which is exactly where the slices are;
+* gantry tilt (the slices step along a direction that is not their normal), unless allowed:
+  ``gantry_tilt="resample"`` corrects it onto an orthogonal grid (see below), ``"sheared"`` keeps
+  the acquired grid with an affine sheared along the real step (exactly where the slices are);
 * frames of different sizes or pixel spacings, and colour images;
 * too few slices for the model.
 
@@ -22,13 +23,23 @@ layout of NIfTI and of MONAI's DICOM reader -- with the affine from the plan.
 Works on classic single-frame series, on multi-frame objects (enhanced CT/MR with per-frame
 functional groups, or one multi-frame image), and on single projection images (CR, DX) that
 carry no patient position: those get an in-plane affine from PixelSpacing or ImagerPixelSpacing.
+
+Gantry tilt correction (``gantry_tilt="resample"``), as dcm2niix does it: the tilted slices are
+parallel planes whose origins drift in-plane from one slice to the next. Each slice ``z`` is
+shifted back in its own plane by ``z`` times that drift (linear interpolation along the row and
+column directions, i.e. along the tilt), onto a grid whose axes are the row direction, the
+column direction and the slice normal. The grid is widened so that no acquired pixel is cut off
+(new voxels get the lowest value of the series: air), and its affine is orthogonal and true:
+every voxel sits where the patient was. The plan keeps the acquired frames, so labels predicted
+on the grid are mapped back onto each tilted frame through that affine
+(``workers.runtime.bundle.labels_on_frames``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -36,11 +47,13 @@ from pydicom import Dataset
 
 __all__ = [
     "Frame",
+    "GantryTilt",
     "SeriesVolumeError",
     "VolumePlan",
     "frames_of",
     "plan_volume",
     "read_volume",
+    "resample_tilted",
 ]
 
 #: Positions closer than this along the normal are the same position, in mm.
@@ -51,6 +64,8 @@ SPACING_RTOL = 0.01
 ORIENTATION_TOLERANCE = 1e-3
 #: Slices whose step deviates from the normal by more than this (degrees) are gantry tilted.
 TILT_TOLERANCE_DEG = 0.5
+#: What :func:`plan_volume` does with a tilted series.
+GantryTilt = Literal["reject", "resample", "sheared"]
 
 
 class SeriesVolumeError(ValueError):
@@ -78,10 +93,18 @@ class VolumePlan:
     """How the frames of a series make one grid."""
 
     frames: tuple[Frame, ...]  # in order along the slice normal (z index)
-    shape: tuple[int, int, int]  # (columns, rows, slices): x, y, z
+    shape: tuple[int, int, int]  # (columns, rows, slices): x, y, z of the volume read_volume gives
     spacing: tuple[float, float, float]  # mm along x, y, z
     affine: npt.NDArray[np.float64]  # voxel (x, y, z) -> patient LPS, mm
     tilted: bool = False
+    #: Angle between the slice step and the slice normal (gantry tilt), degrees.
+    tilt_deg: float = 0.0
+    #: True when the tilt is corrected: ``shape``/``affine`` are those of the orthogonal grid.
+    resampled: bool = False
+    #: Resampled plans: grid voxel (x, y) of slice z is acquired pixel
+    #: (x + offset[0] - z * drift[0], y + offset[1] - z * drift[1]), in pixels.
+    grid_offset: tuple[float, float] = (0.0, 0.0)
+    drift_px: tuple[float, float] = (0.0, 0.0)
 
     @property
     def is_2d(self) -> bool:
@@ -236,10 +259,12 @@ def plan_volume(
     datasets: Sequence[Dataset],
     *,
     min_slices: int = 1,
-    allow_gantry_tilt: bool = False,
+    gantry_tilt: GantryTilt = "reject",
 ) -> VolumePlan:
     """Order and check the frames of one series; see the module docstring for what is refused.
 
+    ``gantry_tilt``: a tilted series is refused (``"reject"``), corrected onto an orthogonal
+    grid (``"resample"``) or kept on its acquired, sheared grid (``"sheared"``).
     ``datasets`` may be headers only, in any order. Raises SeriesVolumeError with the reason.
     """
     if not datasets:
@@ -305,6 +330,7 @@ def plan_volume(
     col = np.asarray(ordered[0].orientation[3:])
     origin = np.asarray(ordered[0].position)
     tilted = False
+    angle = 0.0
     if len(ordered) == 1:
         step_vector = normal * 1.0
         dz = 1.0
@@ -341,7 +367,7 @@ def plan_volume(
         cos = float(np.dot(step_vector, normal) / np.linalg.norm(step_vector))
         angle = float(np.degrees(np.arccos(np.clip(abs(cos), -1.0, 1.0))))
         if angle > TILT_TOLERANCE_DEG:
-            if not allow_gantry_tilt:
+            if gantry_tilt == "reject":
                 raise SeriesVolumeError(
                     f"gantry tilt: the slices step {angle:.1f} degrees off their normal; "
                     "this model does not accept tilted series"
@@ -349,6 +375,9 @@ def plan_volume(
             tilted = True
         else:
             step_vector = normal * dz
+            angle = 0.0
+    if tilted and gantry_tilt == "resample":
+        return _resampled_plan(tuple(ordered), row, col, normal, origin, step_vector, angle)
     affine = np.eye(4)
     affine[:3, 0] = row * dx
     affine[:3, 1] = col * dy
@@ -361,7 +390,87 @@ def plan_volume(
         (dx, dy, dz_mm),
         affine,
         tilted,
+        angle,
     )
+
+
+def _resampled_plan(
+    ordered: tuple[Frame, ...],
+    row: npt.NDArray[np.float64],
+    col: npt.NDArray[np.float64],
+    normal: npt.NDArray[np.float64],
+    origin: npt.NDArray[np.float64],
+    step_vector: npt.NDArray[np.float64],
+    angle: float,
+) -> VolumePlan:
+    """The orthogonal grid that holds every pixel of a tilted stack (module docstring)."""
+    dy, dx = ordered[0].pixel_spacing
+    columns, rows, slices = ordered[0].columns, ordered[0].rows, len(ordered)
+    dz = float(np.dot(step_vector, normal))
+    # In-plane drift of each slice's origin per slice, in pixels along the row and column.
+    drift = (float(np.dot(step_vector, row)) / dx, float(np.dot(step_vector, col)) / dy)
+    offsets: list[float] = []
+    sizes: list[int] = []
+    for pixels, d in ((columns, drift[0]), (rows, drift[1])):
+        low = float(np.floor(min(0.0, d * (slices - 1)) + 1e-6))
+        high = float(np.ceil(pixels - 1 + max(0.0, d * (slices - 1)) - 1e-6))
+        offsets.append(low)
+        sizes.append(int(high - low) + 1)
+    affine = np.eye(4)
+    affine[:3, 0] = row * dx
+    affine[:3, 1] = col * dy
+    affine[:3, 2] = normal * dz
+    affine[:3, 3] = origin + offsets[0] * dx * row + offsets[1] * dy * col
+    return VolumePlan(
+        ordered,
+        (sizes[0], sizes[1], slices),
+        (dx, dy, dz),
+        affine,
+        tilted=True,
+        tilt_deg=angle,
+        resampled=True,
+        grid_offset=(offsets[0], offsets[1]),
+        drift_px=drift,
+    )
+
+
+def _shift_axis(
+    image: npt.NDArray[np.float64], axis: int, start: float, size: int, fill: float
+) -> npt.NDArray[np.float64]:
+    """``size`` samples of ``image`` along ``axis`` at positions ``start, start + 1, ...``
+    (linear interpolation between neighbours; ``fill`` outside the image)."""
+    n = image.shape[axis]
+    where = start + np.arange(size, dtype=np.float64)
+    below = np.floor(where).astype(np.int64)
+    weight = where - below
+    moved = np.moveaxis(image, axis, 0)
+    low = np.clip(below, 0, n - 1)
+    high = np.clip(below + 1, 0, n - 1)
+    shape = (size,) + (1,) * (moved.ndim - 1)
+    out = moved[low] * (1.0 - weight).reshape(shape) + moved[high] * weight.reshape(shape)
+    inside = (where >= -1e-6) & (where <= n - 1 + 1e-6)
+    out[~inside] = fill
+    return np.moveaxis(out, 0, axis)
+
+
+def resample_tilted(acquired: npt.NDArray[np.float32], plan: VolumePlan) -> npt.NDArray[np.float32]:
+    """The acquired slices ``[x, y, z]`` of a tilted stack on the orthogonal grid of ``plan``.
+
+    Slice ``z`` is shifted in its own plane by ``z`` times the drift (linear interpolation);
+    grid voxels that no acquired pixel covers get the lowest value of the series.
+    """
+    if not plan.resampled:
+        return acquired
+    columns, rows, slices = plan.shape
+    fill = float(acquired.min()) if acquired.size else 0.0
+    out = np.empty((columns, rows, slices), dtype=np.float32)
+    for z in range(slices):
+        image = acquired[:, :, z].astype(np.float64)
+        x0 = plan.grid_offset[0] - z * plan.drift_px[0]
+        y0 = plan.grid_offset[1] - z * plan.drift_px[1]
+        image = _shift_axis(image, 0, x0, columns, fill)
+        out[:, :, z] = _shift_axis(image, 1, y0, rows, fill)
+    return out
 
 
 def _frame_pixels(ds: Dataset, frame: Frame, cache: dict[int, np.ndarray]) -> np.ndarray:
@@ -385,10 +494,11 @@ def read_volume(datasets: Sequence[Dataset], plan: VolumePlan) -> npt.NDArray[np
 
     ``datasets`` are the full datasets (with pixel data) that the plan was made from. Stored
     values go through RescaleSlope/RescaleIntercept; MONOCHROME1 images are inverted within
-    their stored range so that higher values are brighter. Raises SeriesVolumeError when pixel
-    data cannot be decoded.
+    their stored range so that higher values are brighter. A resampled plan (gantry tilt
+    corrected) gives the volume on its orthogonal grid (:func:`resample_tilted`). Raises
+    SeriesVolumeError when pixel data cannot be decoded.
     """
-    columns, rows, slices = plan.shape
+    columns, rows, slices = plan.frames[0].columns, plan.frames[0].rows, len(plan.frames)
     out = np.empty((columns, rows, slices), dtype=np.float32)
     cache: dict[int, np.ndarray] = {}
     for z, frame in enumerate(plan.frames):
@@ -409,4 +519,4 @@ def read_volume(datasets: Sequence[Dataset], plan: VolumePlan) -> npt.NDArray[np
         out[:, :, z] = (stored * slope + intercept).T
         if frame.frame_index is None:
             cache.pop(frame.dataset_index, None)
-    return out
+    return resample_tilted(out, plan)

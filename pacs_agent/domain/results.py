@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pacs_agent.domain.detection import DetectionCriteria, is_detected
+
 
 @dataclass(frozen=True)
 class CodedConcept:
@@ -23,13 +25,15 @@ class SegmentSpec:
     """One segment of a Segmentation, as the model card codes it.
 
     ``number`` is the Segment Number in the SEG and also the label value in the model's
-    discrete output (channel index after argmax).
+    discrete output (channel index after argmax). ``detection`` says when its voxels are a
+    finding (volume thresholds, minimum component size; see ``pacs_agent.domain.detection``).
     """
 
     number: int
     label: str
     category: CodedConcept
     type: CodedConcept
+    detection: DetectionCriteria = field(default_factory=DetectionCriteria)
 
 
 @dataclass(frozen=True)
@@ -47,16 +51,24 @@ class AlgorithmSpec:
 
 @dataclass(frozen=True)
 class SegmentResult:
-    """What a segmentation model found for one segment."""
+    """What a segmentation model found for one segment.
+
+    Voxel count, volume and mean HU are those of the *kept* voxels: the connected components
+    of at least the card's ``min_component_mm3`` (``component_count`` of them, the largest
+    ``largest_component_mm3``; None when components were not measured).
+    """
 
     segment: SegmentSpec
     voxel_count: int
     volume_mm3: float
     mean_hu: float | None = None
+    component_count: int | None = None
+    largest_component_mm3: float | None = None
 
     @property
     def detected(self) -> bool:
-        return self.voxel_count > 0
+        """Kept voxels that reach the card's ``min_volume_mm3`` (any voxel by default)."""
+        return is_detected(self.voxel_count, self.volume_mm3, self.segment.detection)
 
 
 @dataclass(frozen=True)
@@ -93,3 +105,6 @@ class JobResult:
     uids: ResultUIDs
     classifications: tuple[ClassificationResult, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
+    #: What was done to the input before the model saw it (e.g. gantry tilt resampled);
+    #: recorded as TID 4019 Algorithm Parameters in the SR.
+    processing_notes: tuple[str, ...] = ()

@@ -60,3 +60,15 @@ def job_result_uids(
         derive_uid(root, *base, "sr-series"),
         derive_uid(root, *base, "sr-instance"),
     )
+
+
+def failure_notice_uids(
+    root: str, study_uid: str, series_uid: str, model_name: str, model_version: str
+) -> tuple[str, str]:
+    """(Series, SOP Instance) UIDs of the failure notice SR of one job.
+
+    The same identity as :func:`job_result_uids`, so another failure of the same job replaces
+    the notice; distinct from the result UIDs, so a notice is never taken for a result.
+    """
+    base = ("failure-notice", study_uid, series_uid, model_name, model_version)
+    return derive_uid(root, *base, "series"), derive_uid(root, *base, "instance")

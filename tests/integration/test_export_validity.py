@@ -1,7 +1,7 @@
 """Every object the project emits is valid DICOM: zero dciodvfy errors, a round trip through
 highdicom's readers (SEG masks back on their source instances), and dsrdump reads the SR.
 
-The objects are made the way the inference worker makes them (segment_results, deterministic
+The objects are made the way the inference worker makes them (measure_segments, deterministic
 UIDs, build_segmentation, build_measurement_report) from real model outputs: the demo
 segmentation bundle on a synthetic CT study, the unchanged Model Zoo spleen and whole-body
 bundles (seeded random weights: no pretrained weights can be downloaded here) on the real
@@ -27,11 +27,15 @@ from pydicom.data import get_testdata_file
 from pacs_agent.catalog import read_card
 from pacs_agent.demo.radiograph import make_radiograph, radiograph_dataset
 from pacs_agent.demo.synthetic import make_ct_study_with_truth
-from pacs_agent.dicom.geometry import plane_headers, segment_results
+from pacs_agent.dicom.geometry import measure_segments, plane_headers
 from pacs_agent.dicom.io import write_dataset
 from pacs_agent.dicom.seg import build_segmentation
 from pacs_agent.dicom.sources import TYPE2_COPIED
-from pacs_agent.dicom.sr import build_measurement_report
+from pacs_agent.dicom.sr import (
+    COMPONENT_COUNT,
+    LARGEST_COMPONENT_VOLUME,
+    build_measurement_report,
+)
 from pacs_agent.dicom.volume import plan_volume
 from pacs_agent.domain.results import (
     AlgorithmSpec,
@@ -85,18 +89,21 @@ def _emit(
     specs: Sequence[SegmentSpec],
     out: Path,
     classifications: tuple[ClassificationResult, ...] = (),
-) -> tuple[Path | None, Path, JobResult]:
-    segments = segment_results(mask, sources, specs) if mask is not None else ()
+) -> tuple[Path | None, Path, JobResult, np.ndarray | None]:
+    """SEG and SR files of the model's ``mask``, the result, and the mask the SEG carries
+    (without the components and segments the card's thresholds drop)."""
+    measured = measure_segments(mask, sources, specs) if mask is not None else None
     result = JobResult(
         algorithm=model,
-        segments=segments,
+        segments=measured.segments if measured is not None else (),
         uids=_uids(sources, model),
         classifications=classifications,
     )
-    seg = build_segmentation(sources, mask, result) if mask is not None else None
+    seg = build_segmentation(sources, measured.mask, result) if measured is not None else None
     sr = build_measurement_report(sources, seg, result)
     seg_path = write_dataset(seg, out / "seg.dcm") if seg is not None else None
-    return seg_path, write_dataset(sr, out / "sr.dcm"), result
+    kept = measured.mask if measured is not None else None
+    return seg_path, write_dataset(sr, out / "sr.dcm"), result, kept
 
 
 def _assert_seg_valid(path: Path, sources: Sequence[Dataset], mask: np.ndarray) -> None:
@@ -148,13 +155,22 @@ def test_demo_bundle_objects_on_a_synthetic_study_are_valid(tmp_path: Path) -> N
     assert mask.any()
     full = [pydicom.dcmread(path) for path in sorted(folder.glob("CT*.dcm"))]
     assert [ds.SOPInstanceUID for ds in full] == [ds.SOPInstanceUID for ds in sources]
-    seg_path, sr_path, result = _emit(full, mask, card.algorithm(UID_ROOT), card.segments, tmp_path)
+    model = card.algorithm(UID_ROOT)
+    seg_path, sr_path, result, kept = _emit(full, mask, model, card.segments, tmp_path)
     assert seg_path is not None
-    _assert_seg_valid(seg_path, full, mask)
+    assert kept is not None
+    _assert_seg_valid(seg_path, full, kept)
     content = _assert_sr_valid(sr_path, result)
     (group,) = content.get_volumetric_roi_measurement_groups()
     (volume,) = group.get_measurements(name=hd.sr.CodedConcept("118565006", "SCT", "Volume"))
-    assert float(volume.value) == pytest.approx(result.segments[0].volume_mm3)
+    (blob,) = result.segments
+    assert float(volume.value) == pytest.approx(blob.volume_mm3)
+    # The card's thresholds: components under 20 mm3 are in neither the SEG nor the SR.
+    (count,) = group.get_measurements(name=COMPONENT_COUNT)
+    (largest,) = group.get_measurements(name=LARGEST_COMPONENT_VOLUME)
+    assert blob.component_count is not None and int(count.value) == blob.component_count >= 1
+    assert float(largest.value) == pytest.approx(blob.largest_component_mm3)
+    assert blob.largest_component_mm3 is not None and blob.largest_component_mm3 >= 20.0
 
 
 def _seeded_bundle(source: Path, target: Path) -> tuple[Path, AlgorithmSpec]:
@@ -185,9 +201,10 @@ def test_spleen_bundle_objects_on_the_real_ct_are_valid(
     assert mask.shape == (20, 512, 512)
     # Random weights label some voxels; if none were, the test would only see the empty path.
     assert mask.any()
-    seg_path, sr_path, result = _emit(sources, mask, model, [SPLEEN], tmp_path)
+    seg_path, sr_path, result, kept = _emit(sources, mask, model, [SPLEEN], tmp_path)
     assert seg_path is not None
-    _assert_seg_valid(seg_path, sources, mask)
+    assert kept is not None
+    _assert_seg_valid(seg_path, sources, kept)
     content = _assert_sr_valid(sr_path, result)
     (group,) = content.get_volumetric_roi_measurement_groups()
     (hu,) = group.get_measurements(
@@ -216,9 +233,10 @@ def test_whole_body_bundle_objects_with_dozens_of_segments_on_the_real_ct_are_va
     ]
     found = sorted(int(v) for v in np.unique(mask) if v)
     assert len(found) > 10  # random weights label many structures: many segments
-    seg_path, sr_path, result = _emit(sources, mask, model, specs, tmp_path)
+    seg_path, sr_path, result, kept = _emit(sources, mask, model, specs, tmp_path)
     assert seg_path is not None
-    _assert_seg_valid(seg_path, sources, mask)
+    assert kept is not None
+    _assert_seg_valid(seg_path, sources, kept)
     seg = hd.seg.segread(seg_path)
     labels = [str(item.SegmentLabel) for item in seg.SegmentSequence]
     assert labels == [channels[str(number)] for number in found]
@@ -232,7 +250,7 @@ def test_a_demo_model_result_with_nothing_found_on_the_real_ct_emits_a_valid_not
     _, sources = real_ct
     card = read_card(DEMO_BUNDLE)
     empty = np.zeros((len(sources), 512, 512), dtype=np.uint8)
-    seg_path, sr_path, result = _emit(
+    seg_path, sr_path, result, _ = _emit(
         sources, empty, card.algorithm(UID_ROOT), card.segments, tmp_path
     )
     assert seg_path is None
@@ -256,7 +274,7 @@ def test_classification_sr_on_the_real_ct_is_valid(
             CodedConcept("36118008", "SCT", "Pneumothorax"), "pneumothorax", 0.04, 0.5
         ),
     )
-    seg_path, sr_path, result = _emit(sources, None, model, [], tmp_path, findings)
+    seg_path, sr_path, result, _ = _emit(sources, None, model, [], tmp_path, findings)
     assert seg_path is None
     content = _assert_sr_valid(sr_path, result)
     groups = content.get_image_measurement_groups()
@@ -273,7 +291,7 @@ def test_demo_classifier_sr_on_a_radiograph_is_valid(
     source = radiograph_dataset(image, patient_id=f"VALID-{modality}", modality=modality)
     output = run_model(RunnerCache({}, "cpu"), card, [source])
     assert output.mask is None and output.classifications
-    seg_path, sr_path, result = _emit(
+    seg_path, sr_path, result, _ = _emit(
         [source], None, card.algorithm(UID_ROOT), [], tmp_path, output.classifications
     )
     assert seg_path is None
@@ -329,7 +347,7 @@ def test_classifier_sr_on_a_real_cr_without_a_type_2_attribute_is_valid(
         del source[keyword]
     output = run_model(classifier, card, [source])
     assert output.classifications
-    seg_path, sr_path, result = _emit(
+    seg_path, sr_path, result, _ = _emit(
         [source], None, card.algorithm(UID_ROOT), [], tmp_path, output.classifications
     )
     assert seg_path is None
@@ -389,10 +407,11 @@ def test_demo_bundle_objects_on_an_enhanced_ct_reference_its_frames_and_are_vali
     output = run_model(RunnerCache({}, "cpu"), card, [multi])
     assert output.mask is not None and output.mask.shape == (int(multi.NumberOfFrames), 512, 512)
     assert output.mask.any()
-    seg_path, sr_path, result = _emit(
+    seg_path, sr_path, result, kept = _emit(
         [multi], output.mask, card.algorithm(UID_ROOT), card.segments, tmp_path
     )
-    assert seg_path is not None
+    assert seg_path is not None and kept is not None
+    np.testing.assert_array_equal(kept, output.mask)  # run_model measured it the same way
     assert dciodvfy_errors(seg_path)[0] == []
     seg = hd.seg.segread(seg_path)
     pixels = seg.get_pixels_by_source_frame(

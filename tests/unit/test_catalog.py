@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from pacs_agent.catalog import CatalogError, load_catalog, read_card
 from pacs_agent.cli.main import app
+from pacs_agent.domain.detection import DetectionCriteria
 
 BUNDLES = Path(__file__).resolve().parents[2] / "workers" / "bundles"
 
@@ -43,6 +44,73 @@ CLASSIFIER = """
 """
 
 
+SEGMENTER = """
+    [model]
+    name = "seg"
+    version = "1.0"
+    task = "segmentation"
+    {detection}
+    [[segments]]
+    number = 1
+    label = "Liver"
+    category = {{ value = "123037004", scheme = "SCT", meaning = "Anatomical Structure" }}
+    type = {{ value = "10200004", scheme = "SCT", meaning = "Liver" }}
+    {override}
+    [[segments]]
+    number = 2
+    label = "Lesion"
+    category = {{ value = "49755003", scheme = "SCT", meaning = "Morphologic Structure" }}
+    type = {{ value = "52988006", scheme = "SCT", meaning = "Lesion" }}
+"""
+
+
+def _segmenter(tmp_path: Path, detection: str = "", override: str = "") -> Path:
+    card = SEGMENTER.format(detection=detection, override=override)
+    return _bundle(tmp_path, "seg", card, channels=3)
+
+
+def test_segment_thresholds_come_from_detection_and_each_segment_overrides_them(
+    tmp_path: Path,
+) -> None:
+    detection = "[detection]\n    min_volume_mm3 = 50.0\n    min_component_mm3 = 10"
+    card = read_card(_segmenter(tmp_path, detection, "min_volume_mm3 = 5000\n    connectivity = 6"))
+    liver, lesion = (s.detection for s in card.segments)
+    assert (liver.min_volume_mm3, liver.min_component_mm3, liver.connectivity) == (5000, 10, 6)
+    assert (lesion.min_volume_mm3, lesion.min_component_mm3, lesion.connectivity) == (50, 10, 26)
+    shown = card.as_dict()["segments"]
+    assert [(s["min_volume_mm3"], s["min_component_mm3"], s["connectivity"]) for s in shown] == [
+        (5000, 10, 6),
+        (50, 10, 26),
+    ]
+
+
+def test_a_card_without_thresholds_detects_any_voxel_as_before(tmp_path: Path) -> None:
+    card = read_card(_segmenter(tmp_path))
+    assert {s.detection for s in card.segments} == {DetectionCriteria(0.0, 0.0, 26)}
+
+
+@pytest.mark.parametrize(
+    ("detection", "override", "message"),
+    [
+        ("[detection]\nmin_volume_mm3 = -1", "", r"detection\.min_volume_mm3: .*greater than"),
+        ("", "connectivity = 8", r"segments\[0\]\.connectivity: Input should be 6, 18 or 26"),
+        ("", "min_component_mm3 = nan", r"segments\[0\]\.min_component_mm3: .*finite"),
+        ("[detection]\nminimum = 3", "", r"detection\.minimum: Extra inputs"),
+    ],
+)
+def test_invalid_segment_thresholds_say_what_and_where(
+    tmp_path: Path, detection: str, override: str, message: str
+) -> None:
+    with pytest.raises(CatalogError, match=message):
+        read_card(_segmenter(tmp_path, detection, override))
+
+
+def test_detection_is_refused_on_a_classification_card(tmp_path: Path) -> None:
+    card = CLASSIFIER.format(name="m", threshold=0.5) + "\n[detection]\nmin_volume_mm3 = 5\n"
+    with pytest.raises(CatalogError, match=r"\[detection\] is for segmentation models"):
+        read_card(_bundle(tmp_path, "m", card))
+
+
 def test_shipped_demo_bundles_form_a_valid_catalog() -> None:
     catalog = load_catalog(BUNDLES)
     assert catalog.errors == ()
@@ -52,6 +120,8 @@ def test_shipped_demo_bundles_form_a_valid_catalog() -> None:
     assert cls.accepts.modality == ("CR", "DX")
     assert cls.findings[0].code.value == "27925004" and cls.findings[0].threshold == 0.5
     assert cls.input == "image"
+    # The demo segmenter states its thresholds: specks under 20 mm3 dropped, 50 mm3 to flag.
+    assert seg.segments[0].detection == DetectionCriteria(50.0, 20.0, 26)
     assert (BUNDLES / "demo_cr_nodule_cls" / "models" / "model.pt").stat().st_size < 20 * 2**20
     meta = json.loads((BUNDLES / "demo_cr_nodule_cls" / "configs" / "metadata.json").read_text())
     assert "not for clinical use" in meta["description"]

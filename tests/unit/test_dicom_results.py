@@ -13,6 +13,7 @@ import logging
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
@@ -24,6 +25,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from pacs_agent.dicom.geometry import (
+    measure_segments,
     plane_headers,
     segment_results,
     slice_spacing_mm,
@@ -37,8 +39,14 @@ from pacs_agent.dicom.seg import (
     segment_tracking_uid,
 )
 from pacs_agent.dicom.sources import TYPE2_COPIED
-from pacs_agent.dicom.sr import build_measurement_report, procedure_reported
-from pacs_agent.domain.results import JobResult
+from pacs_agent.dicom.sr import (
+    COMPONENT_COUNT,
+    LARGEST_COMPONENT_VOLUME,
+    build_measurement_report,
+    procedure_reported,
+)
+from pacs_agent.domain.detection import DetectionCriteria
+from pacs_agent.domain.results import JobResult, SegmentSpec
 from tests.helpers.dicom_results import (
     DCMQI_LIVER_SEG,
     LIVER,
@@ -90,11 +98,14 @@ def _round_trip(ds: Dataset) -> Dataset:
 
 #: dciodvfy warnings that may remain: inherited from the sources (the dcmqi CT's one-component
 #: patient name), or from dicom3tools' 2022 tables, which predate Device UID (0018,1002) in the
-#: Contributing Equipment Sequence of the SOP Common module (the IHE AIR model identity).
+#: Contributing Equipment Sequence of the SOP Common module (the IHE AIR model identity), or
+#: the project's private coding scheme, which is by definition none of the standard's defined
+#: terms (it is identified in the SR's Coding Scheme Identification Sequence).
 ALLOWED_WARNINGS = (
     "Retired Person Name form",
     "(0x0018,0x1002) UI Device UID",
     "attributes not present in standard DICOM IOD - this is a Standard Extended SOP Class",
+    "Unrecognized defined term <99PACSAGENT> for value 1 of attribute <Coding Scheme Designator>",
 )
 
 
@@ -554,6 +565,83 @@ def test_sr_says_not_detected_and_no_seg_is_built_when_nothing_is_found(tmp_path
     assert _content(read).get_planar_roi_measurement_groups() == []
     findings = _absent_findings(read)
     assert findings == {LIVER.type.value, SPLEEN.type.value}
+
+
+def _with_thresholds(spec: SegmentSpec, **criteria: float) -> SegmentSpec:
+    return replace(spec, detection=DetectionCriteria(**criteria))  # type: ignore[arg-type]
+
+
+def _two_blobs_and_specks(ct: Sequence[Dataset]) -> np.ndarray:
+    """Label 1: a 3 x 20 x 20 blob, a 3 x 10 x 10 blob and four single voxels; label 2: three
+    single voxels."""
+    mask = np.zeros((3, 512, 512), dtype=np.uint8)
+    mask[:, 200:220, 200:220] = 1
+    mask[:, 300:310, 100:110] = 1
+    mask[0, 10, 10] = mask[1, 400, 30] = mask[2, 50, 480] = mask[2, 500, 500] = 1
+    mask[0, 60, 60] = mask[1, 450, 450] = mask[2, 20, 300] = 2
+    return mask
+
+
+def test_sr_reports_the_kept_components_and_the_largest_ones_volume(tmp_path: Path) -> None:
+    ct = liver_ct()
+    specs = [
+        _with_thresholds(LIVER, min_volume_mm3=100.0, min_component_mm3=2.0),
+        _with_thresholds(SPLEEN, min_volume_mm3=100.0, min_component_mm3=2.0),
+    ]
+    raw = _two_blobs_and_specks(ct)
+    measured = measure_segments(raw, ct, specs)
+    result = job_result(ct, measured.segments)
+    # The model's own mask still holds the specks: the SEG refuses it.
+    with pytest.raises(ValueError, match="the mask has 1504 voxels, the result counts 1500"):
+        build_segmentation(ct, raw, result)
+    seg = build_segmentation(ct, measured.mask, result)
+    assert seg is not None
+    assert [str(item.SegmentLabel) for item in seg.SegmentSequence] == ["liver"]
+    pixels = hd.seg.Segmentation.from_dataset(_round_trip(seg)).get_pixels_by_source_instance(
+        source_sop_instance_uids=_uids(ct), segment_numbers=[1]
+    )
+    assert int(pixels.sum()) == 3 * (400 + 100)  # the two blobs, not the specks
+
+    report = build_measurement_report(ct, seg, result)
+    path = write_dataset(report, tmp_path / "sr.dcm")
+    _assert_valid(path)
+    dump = dsrdump(path)
+    assert dump.returncode == 0, dump.stderr
+    assert "Connected component count" in dump.stdout
+    read = hd.sr.srread(path)
+    (scheme,) = read.CodingSchemeIdentificationSequence
+    assert (scheme.CodingSchemeDesignator, scheme.CodingSchemeName) == (
+        "99PACSAGENT",
+        "pacs-agent private codes",
+    )
+    (group,) = _content(read).get_volumetric_roi_measurement_groups()
+    liver = measured.segments[0]
+    (count,) = group.get_measurements(name=COMPONENT_COUNT)
+    assert count.value == 2 and count.unit == codes.UCUM.NoUnits
+    (largest,) = group.get_measurements(name=LARGEST_COMPONENT_VOLUME)
+    voxel = voxel_volume_mm3(ct)
+    assert largest.value == pytest.approx(1200 * voxel)
+    assert largest.unit == codes.UCUM.CubicMillimeter
+    assert _algorithm_of(largest)["Algorithm Name"] == "spleen_ct_segmentation"
+    (volume,) = group.get_measurements(name=codes.SCT.Volume)
+    assert volume.value == pytest.approx(1500 * voxel) == pytest.approx(liver.volume_mm3)
+    assert _absent_findings(read) == {SPLEEN.type.value}
+
+
+def test_sr_of_specks_only_says_absent_with_no_seg_and_no_private_codes(tmp_path: Path) -> None:
+    ct = liver_ct()
+    raw = _two_blobs_and_specks(ct)
+    raw[raw == 1] = 0  # only label 2's three single voxels remain
+    specs = [_with_thresholds(s, min_component_mm3=2.0) for s in SPECS]
+    measured = measure_segments(raw, ct, specs)
+    result = job_result(ct, measured.segments)
+    assert not any(s.detected for s in result.segments)
+    assert build_segmentation(ct, measured.mask, result) is None
+    path = write_dataset(build_measurement_report(ct, None, result), tmp_path / "sr.dcm")
+    _assert_valid(path)
+    read = hd.sr.srread(path)
+    assert "CodingSchemeIdentificationSequence" not in read
+    assert _absent_findings(read) == {LIVER.type.value, SPLEEN.type.value}
 
 
 def _absent_findings(report: Dataset) -> set[str]:

@@ -171,7 +171,7 @@ def test_gantry_tilt_fails_unless_allowed_then_the_affine_follows_the_slices(
         ds.ImagePositionPatient = [x, y + 0.35 * z, zz]  # about 10 degrees at 2 mm steps
     with pytest.raises(SeriesVolumeError, match="gantry tilt"):
         plan_volume(series)
-    plan = plan_volume(series, allow_gantry_tilt=True)
+    plan = plan_volume(series, gantry_tilt="sheared")
     assert plan.tilted
     last = series[plan.frames[-1].dataset_index]
     np.testing.assert_allclose(

@@ -4,8 +4,9 @@
 volume (:func:`pacs_agent.dicom.volume.plan_volume`), each with a reason made for the job list.
 :func:`run_model` runs the bundle -- loaded once per process and device through
 :class:`RunnerCache` -- and turns its output into the result model: segment statistics on the
-source frames for a segmentation, :class:`ClassificationResult` (coded finding, probability,
-the card's threshold) for a classification.
+source frames for a segmentation (connected components below the card's minimum dropped,
+detection at the card's volume threshold), :class:`ClassificationResult` (coded finding,
+probability, the card's threshold) for a classification.
 
 Devices: the ``device`` setting is resolved once per process (``auto`` -> ``cuda`` when CUDA is
 present). When CUDA runs out of memory, the bundle runner has already released the cached GPU
@@ -26,7 +27,7 @@ import torch
 from pydicom import Dataset
 
 from pacs_agent.catalog import ModelCard
-from pacs_agent.dicom.geometry import segment_results
+from pacs_agent.dicom.geometry import measure_segments
 from pacs_agent.dicom.volume import SeriesVolumeError, VolumePlan, frames_of, plan_volume
 from pacs_agent.domain.results import ClassificationResult, SegmentResult
 from workers.runtime.bundle import BundleRunner, OutOfMemoryError, resolve_device
@@ -51,12 +52,30 @@ class ModelOutput:
     """What one model said about one series."""
 
     plan: VolumePlan
-    # A segmentation's labels (image planes, rows, cols): one per single-frame instance, in
-    # the order of the datasets, or one per frame of a multi-frame image.
+    #: (image planes, rows, cols) for a segmentation: one per single-frame instance, in the
+    #: order of the datasets, or one per frame of a multi-frame image; the model's labels
+    #: without what the card drops (small components, segments not detected); what the SEG
+    #: carries.
     mask: npt.NDArray[np.uint8] | None
     segments: tuple[SegmentResult, ...]
     classifications: tuple[ClassificationResult, ...]
     device: str
+
+    @property
+    def processing_notes(self) -> tuple[str, ...]:
+        """What was done to the input before the model saw it (recorded in the SR)."""
+        plan = self.plan
+        if plan.resampled:
+            return (
+                f"input resampled: gantry tilt of {plan.tilt_deg:.1f} degrees corrected onto an "
+                f"orthogonal grid ({plan.spacing[2]:.2f} mm along the slice normal, linear "
+                "interpolation); labels mapped back onto the acquired tilted slices",
+            )
+        if plan.tilted:
+            return (
+                f"input on its acquired sheared grid (gantry tilt {plan.tilt_deg:.1f} degrees)",
+            )
+        return ()
 
 
 class RunnerCache:
@@ -106,7 +125,7 @@ def check_series(card: ModelCard, datasets: Sequence[Dataset]) -> VolumePlan:
         return plan_volume(
             datasets,
             min_slices=card.accepts.min_slices,
-            allow_gantry_tilt=card.accepts.gantry_tilt,
+            gantry_tilt=card.accepts.gantry_tilt,
         )
     except SeriesVolumeError as exc:
         raise ModelInputError(f"series cannot be made into one volume: {exc}") from exc
@@ -151,9 +170,8 @@ def _run_on(
             f"the series has {len(datasets)} instances, {len(multi_frame)} of them multi-frame: "
             "a Segmentation references one multi-frame image or single-frame instances"
         )
-    mask = runner.segment_series(datasets, plan)
-    segments = segment_results(mask, datasets, card.segments)
-    return ModelOutput(plan, mask, segments, (), str(runner.device))
+    measured = measure_segments(runner.segment_series(datasets, plan), datasets, card.segments)
+    return ModelOutput(plan, measured.mask, measured.segments, (), str(runner.device))
 
 
 def run_model(
