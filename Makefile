@@ -18,6 +18,9 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.lock
+	# Helm's own linter (Helm v4 Go SDK in helm-sdkpy) for tests/deploy: its wrapper says
+	# Python >= 3.12 but runs on 3.11 (decision 0011-deploy).
+	$(BIN)/python -m pip install --quiet --no-deps --ignore-requires-python helm-sdkpy==0.1.32
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 

@@ -17,6 +17,11 @@ about the host than about the receivers.
 
     .venv/bin/python bench/bench_reception.py --instances 500 --runs 3 --rss 2000
 
+``--processes 1,2,4`` runs pacs-agent once per listener process count (``listener.processes``,
+decision 0011) in the same runs, and prints each one's img/s, its ratios to storescp and to
+Orthanc, and whether it was above Orthanc in every single run. ``--no-plain`` leaves out the
+plain pynetdicom receiver.
+
 Loopback only. Not run by pytest: speed is a ratio measured here, never a timed test.
 """
 
@@ -27,6 +32,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import socket
@@ -49,7 +55,9 @@ from pydicom.uid import generate_uid  # noqa: E402
 from pacs_agent.demo.synthetic import make_ct_study  # noqa: E402
 from tests.helpers.servers import Agent, Orthanc, free_port, wait_for  # noqa: E402
 
-NODELAY_ENV = {"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}
+# dcmtk's programs are found on PATH: /usr/bin, or wrappers around a private prefix
+# (bench/device_reception.sh).
+NODELAY_ENV = {"TCP_NODELAY": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
 
 
 def cpu_ticks() -> tuple[int, int]:
@@ -105,6 +113,8 @@ class Started:
     port: int
     ae_title: str
     count: Callable[[], int]
+    #: What to print after a send (pacs-agent: how many listener processes took associations).
+    detail: Callable[[], str] = lambda: ""
 
 
 @contextmanager
@@ -175,9 +185,26 @@ def pacs_agent(workdir: Path, env: dict[str, str] | None = None) -> Iterator[Sta
     )
     agent.start()
     try:
-        yield Started(agent.port, agent.ae_title, lambda: _agent_count(agent))
+        processes = int((env or {}).get("PACS_AGENT_LISTENER__PROCESSES", "1"))
+        if processes > 1:  # every listener process accepting before the send starts
+            wait_for(
+                lambda: agent.log_tail(10**7).count(" ready (pid ") >= processes,
+                120,
+                f"{processes} listener processes",
+            )
+        yield Started(
+            agent.port, agent.ae_title, lambda: _agent_count(agent), lambda: _served_by(agent)
+        )
     finally:
         agent.stop()
+
+
+def _served_by(agent: Agent) -> str:
+    """How many processes accepted the senders' associations (from serve's log)."""
+    pids = set(
+        re.findall(r"\[(\d+)\] \S+: association accepted: 'STORESCU'", agent.log_tail(10**8))
+    )
+    return f", associations taken by {len(pids)} process(es)"
 
 
 RECEIVERS: dict[str, Callable[[Path], Iterator[Started]]] = {
@@ -253,6 +280,12 @@ def peak_rss(workdir: Path, count: int, env: dict[str, str] | None = None) -> tu
     return hwm_kb / 1024, count / elapsed
 
 
+def agent_name(count: int, counts: list[int]) -> str:
+    """The receiver's name of pacs-agent with ``count`` listener processes ("pacs-agent" as
+    before when only one process is measured)."""
+    return "pacs-agent" if counts == [1] else f"pacs-agent x{count}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=500)
@@ -264,11 +297,35 @@ def main() -> int:
         default="{}",
         help='extra environment for pacs-agent serve, JSON: {"PACS_AGENT_LISTENER__...": "..."}',
     )
+    parser.add_argument(
+        "--processes",
+        default="1",
+        help="listener process counts of pacs-agent, comma-separated: 1,2,4 (one receiver each)",
+    )
+    parser.add_argument(
+        "--no-plain", action="store_true", help="leave out plain pynetdicom (bench/plain_scp.py)"
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=0,
+        help="start no run that would end past this many seconds of sending (0: no limit); "
+        "the summary covers the runs done",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     args = parser.parse_args()
     agent_env = json.loads(args.agent_env)
+    counts = [int(c) for c in args.processes.split(",") if c.strip()]
     receivers = dict(RECEIVERS)
-    receivers["pacs-agent"] = lambda w: pacs_agent(w, agent_env)  # type: ignore[assignment,return-value]
+    del receivers["pacs-agent"]
+    if args.no_plain:
+        del receivers["pynetdicom (bytes, no fsync)"]
+    agents = []
+    for count in counts:
+        name = agent_name(count, counts)
+        env = {**agent_env, "PACS_AGENT_LISTENER__PROCESSES": str(count)}
+        receivers[name] = lambda w, env=env: pacs_agent(w, env)  # type: ignore[assignment,misc]
+        agents.append(name)
 
     rates: dict[tuple[str, int], list[float]] = {}
     steal: list[float] = []
@@ -280,13 +337,28 @@ def main() -> int:
         names = list(receivers)
         needed = len(files) * (512 * 512 * 2 + 4096) * len(names) * len(args.associations)
         free = shutil.disk_usage(root).free
-        if needed * args.runs > free * 0.9:
+        fit = int(free * 0.9 // needed) if needed else args.runs
+        if fit < 1:
             raise SystemExit(
-                f"not enough free disk for {args.runs} runs kept until the end "
-                f"({needed * args.runs / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free): "
-                "fewer --runs or --instances"
+                f"not enough free disk for one run kept until the end "
+                f"({needed / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free): "
+                "fewer --instances"
             )
+        if fit < args.runs:
+            print(f"only {fit} of {args.runs} runs fit on the disk: {fit} runs", flush=True)
+            args.runs = fit
+        runs_done = 0
+        started_runs = time.perf_counter()
         for run in range(args.runs):
+            spent = time.perf_counter() - started_runs
+            if args.max_seconds and run and spent / run * (run + 1) > args.max_seconds:
+                print(
+                    f"stopping after {run} runs: another would end past --max-seconds "
+                    f"{args.max_seconds:.0f}",
+                    flush=True,
+                )
+                break
+            runs_done = run + 1
             order = list(names)
             random.Random(run).shuffle(order)
             print(f"run {run + 1} order: {', '.join(order)}", flush=True)
@@ -300,6 +372,7 @@ def main() -> int:
                         ticks = cpu_ticks()
                         seconds = send(target, files, n_assoc)
                         stolen = steal_share(ticks, cpu_ticks())
+                        detail = target.detail()
                         got = wait_for(
                             lambda t=target: t.count() >= len(files) and t.count(),
                             30,
@@ -310,7 +383,7 @@ def main() -> int:
                     steal.append(stolen)
                     print(
                         f"run {run + 1} {n_assoc} assoc {name:28s} {rate:7.1f} img/s ({got}), "
-                        f"CPU stolen by the host {stolen:.0%}",
+                        f"CPU stolen by the host {stolen:.0%}{detail}",
                         flush=True,
                     )
         rss = peak_rss(root, args.rss, agent_env) if args.rss else None
@@ -318,7 +391,8 @@ def main() -> int:
     print()
     print(
         f"{args.instances} CT instances 512x512 int16, storescu TCP_NODELAY=1, median of "
-        f"{args.runs} runs; {os.cpu_count()} CPUs, Python {platform.python_version()}"
+        f"{runs_done} runs; {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"{platform.platform()}"
     )
     header = "| receiver |" + "".join(f" {n} assoc img/s | ratio |" for n in args.associations)
     print(header)
@@ -331,12 +405,40 @@ def main() -> int:
             cells.append(f" {med:.0f} | {med / ref:.2f}x |")
         print(f"| {name} |" + "".join(cells))
     if "orthanc" in names:
-        for n in args.associations:
-            pairs = list(zip(rates[("pacs-agent", n)], rates[("orthanc", n)], strict=True))
-            above = sum(agent > orthanc for agent, orthanc in pairs)
-            print(
-                f"pacs-agent above Orthanc over {n} association(s) in {above} of {len(pairs)} runs"
+        for agent_receiver in agents:
+            for n in args.associations:
+                pairs = list(zip(rates[(agent_receiver, n)], rates[("orthanc", n)], strict=True))
+                above = sum(agent > orthanc for agent, orthanc in pairs)
+                print(
+                    f"{agent_receiver} above Orthanc over {n} association(s) in {above} of "
+                    f"{len(pairs)} runs" + (" (every run)" if above == len(pairs) else "")
+                )
+    if len(counts) > 1 or counts != [1]:
+        print("\nper listener process count (medians; every run: above Orthanc in each run):")
+        print(
+            "| processes |"
+            + "".join(
+                f" {n} assoc img/s | vs storescp | vs Orthanc | every run |"
+                for n in args.associations
             )
+        )
+        print("|---|" + "---|---|---|---|" * len(args.associations))
+        for count, agent_receiver in zip(counts, agents, strict=True):
+            cells = []
+            for n in args.associations:
+                med = statistics.median(rates[(agent_receiver, n)])
+                ref = statistics.median(rates[("storescp", n)])
+                if "orthanc" in names:
+                    orth = rates[("orthanc", n)]
+                    every = all(
+                        a > o for a, o in zip(rates[(agent_receiver, n)], orth, strict=True)
+                    )
+                    vs_orthanc = f"{med / statistics.median(orth):.2f}x"
+                    every_text = "yes" if every else "no"
+                else:
+                    vs_orthanc, every_text = "-", "-"
+                cells.append(f" {med:.0f} | {med / ref:.2f}x | {vs_orthanc} | {every_text} |")
+            print(f"| {count} |" + "".join(cells))
     print(
         f"\nCPU time stolen by the host during the sends: median {statistics.median(steal):.0%}, "
         f"at most {max(steal):.0%}"

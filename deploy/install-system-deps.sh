@@ -11,6 +11,7 @@ command -v Orthanc >/dev/null || missing+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
 command -v redis-server >/dev/null || missing+=(redis-server)  # brokers of the orchestration tests
 command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
+command -v systemd-analyze >/dev/null || missing+=(systemd)  # verifies deploy/systemd units
 [ ${#missing[@]} -eq 0 ] && exit 0
 mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
 if [ "$(id -u)" -ne 0 ]; then

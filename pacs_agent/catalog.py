@@ -76,7 +76,48 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class CatalogError(ValueError):
-    """A bundle or model card that cannot be used; the message says what and where."""
+    """A bundle or model card that cannot be used; the message says what and where.
+
+    ``file`` is the file that is wrong (or missing), ``key`` the entry in it (``model.name``),
+    ``line`` the line, each when known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: Path | None = None,
+        key: str | None = None,
+        line: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.file = file
+        self.key = key
+        self.line = line
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What is wrong with one bundle. ``message`` names the file and the key; ``file``, ``key``
+    and ``line`` repeat them apart (when known) for ``models validate --json``."""
+
+    bundle: Path
+    message: str
+    file: Path | None = None
+    key: str | None = None
+    line: int | None = None
+
+    @classmethod
+    def of(cls, bundle: Path, exc: CatalogError) -> Problem:
+        return cls(bundle, str(exc), exc.file, exc.key, exc.line)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "file": None if self.file is None else str(self.file),
+            "key": self.key,
+            "line": self.line,
+            "message": self.message,
+        }
 
 
 class _Code(BaseModel):
@@ -322,48 +363,64 @@ def read_card(bundle_dir: Path) -> ModelCard:
     prefixed with the file it is wrong in."""
     card_path = bundle_dir / CARD_NAME
     if not card_path.is_file():
-        raise CatalogError(f"{bundle_dir}: no model card {CARD_NAME}")
+        raise CatalogError(f"{bundle_dir}: no model card {CARD_NAME}", file=card_path)
     configs = bundle_dir / "configs"
-    if not (configs / "metadata.json").is_file():
-        raise CatalogError(f"{bundle_dir}: not a MONAI bundle (configs/metadata.json missing)")
+    metadata = configs / "metadata.json"
+    if not metadata.is_file():
+        raise CatalogError(
+            f"{bundle_dir}: not a MONAI bundle (configs/metadata.json missing)", file=metadata
+        )
     try:
-        json.loads((configs / "metadata.json").read_text(encoding="utf-8"))
+        json.loads(metadata.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise CatalogError(f"{configs / 'metadata.json'}: not valid JSON: {exc}") from exc
+        raise CatalogError(
+            f"{metadata}: not valid JSON: {exc}",
+            file=metadata,
+            line=getattr(exc, "lineno", None),
+        ) from exc
     if not any((configs / f"inference.{ext}").is_file() for ext in ("json", "yaml", "yml")):
-        raise CatalogError(f"{bundle_dir}: configs/inference.json (or .yaml) missing")
+        raise CatalogError(
+            f"{bundle_dir}: configs/inference.json (or .yaml) missing",
+            file=configs / "inference.json",
+        )
     if not any((bundle_dir / "models" / f).is_file() for f in ("model.pt", "model.ts")):
-        raise CatalogError(f"{bundle_dir}: weights missing (models/model.pt or models/model.ts)")
+        raise CatalogError(
+            f"{bundle_dir}: weights missing (models/model.pt or models/model.ts)",
+            file=bundle_dir / "models" / "model.pt",
+        )
     try:
         raw: dict[str, Any] = tomllib.loads(card_path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise CatalogError(f"{card_path}: not valid TOML: {exc}") from exc
+        raise CatalogError(f"{card_path}: not valid TOML: {exc}", file=card_path) from exc
     try:
         card = _Card.model_validate(raw)
     except ValidationError as exc:
-        raise CatalogError(f"{card_path}: {_describe(exc)}") from exc
+        first = _where(exc.errors()[0]["loc"]) if exc.errors() else None
+        raise CatalogError(f"{card_path}: {_describe(exc)}", file=card_path, key=first) from exc
 
-    def fail(message: str) -> CatalogError:
-        return CatalogError(f"{card_path}: {message}")
+    def fail(message: str, key: str) -> CatalogError:
+        return CatalogError(f"{card_path}: {message}", file=card_path, key=key)
 
     if card.model.task == "segmentation":
         if not card.segments:
-            raise fail("a segmentation model needs at least one [[segments]]")
+            raise fail("a segmentation model needs at least one [[segments]]", "segments")
         if card.findings:
-            raise fail("[[findings]] are for classification models; use [[segments]]")
+            raise fail("[[findings]] are for classification models; use [[segments]]", "findings")
     else:
         if not card.findings:
-            raise fail("a classification model needs at least one [[findings]]")
+            raise fail("a classification model needs at least one [[findings]]", "findings")
         if card.segments:
-            raise fail("[[segments]] are for segmentation models; use [[findings]]")
+            raise fail("[[segments]] are for segmentation models; use [[findings]]", "segments")
         if card.detection is not None:
-            raise fail("[detection] is for segmentation models; findings have a threshold")
+            raise fail(
+                "[detection] is for segmentation models; findings have a threshold", "detection"
+            )
     numbers = [s.number for s in card.segments]
     if len(set(numbers)) != len(numbers):
-        raise fail(f"segments.number repeats: {numbers}")
+        raise fail(f"segments.number repeats: {numbers}", "segments.number")
     indices = [f.index for f in card.findings]
     if len(set(indices)) != len(indices):
-        raise fail(f"findings.index repeats: {indices}")
+        raise fail(f"findings.index repeats: {indices}", "findings.index")
     channels = _output_channels(bundle_dir)
     if channels is not None:
         # A segmentation's label values are channel indices after argmax; a one-channel
@@ -374,12 +431,13 @@ def read_card(bundle_dir: Path) -> ModelCard:
             what = "segments.number" if card.model.task == "segmentation" else "findings.index"
             raise fail(
                 f"{what} {top} is beyond the bundle's output: configs/metadata.json declares "
-                f"{channels} channel(s)"
+                f"{channels} channel(s)",
+                what,
             )
     if card.runtime.input == "image" and card.model.task != "classification":
-        raise fail("runtime.input = 'image' is for classification models")
+        raise fail("runtime.input = 'image' is for classification models", "runtime.input")
     if card.accepts.max_slices and card.accepts.max_slices < card.accepts.min_slices:
-        raise fail("accepts.max_slices is below accepts.min_slices")
+        raise fail("accepts.max_slices is below accepts.min_slices", "accepts.max_slices")
     accepts = AcceptsSpec(
         modality=tuple(card.accepts.modality),
         body_part=tuple(card.accepts.body_part),
@@ -420,7 +478,14 @@ def read_card(bundle_dir: Path) -> ModelCard:
 @dataclass(frozen=True)
 class Catalog:
     models: dict[str, ModelCard]
-    errors: tuple[str, ...]
+    problems: tuple[Problem, ...]
+    #: The bundle folders looked at, valid or not.
+    bundles: tuple[Path, ...] = ()
+
+    @property
+    def errors(self) -> tuple[str, ...]:
+        """Each problem's message (it names the file and the key)."""
+        return tuple(p.message for p in self.problems)
 
     def get(self, name: str) -> ModelCard:
         try:
@@ -429,24 +494,52 @@ class Catalog:
             raise CatalogError(f"model {name!r} is not in the catalog") from None
 
 
-def load_catalog(models_dir: Path) -> Catalog:
-    """Every valid bundle under ``models_dir``; invalid ones are listed in ``errors``."""
+def is_bundle(folder: Path) -> bool:
+    """Whether ``folder`` is one bundle (it has a model card or a ``configs/`` folder with
+    ``metadata.json`` or an inference configuration) rather than a models directory."""
+    configs = folder / "configs"
+    names = ("metadata.json", "inference.json", "inference.yaml", "inference.yml")
+    return (folder / CARD_NAME).is_file() or any((configs / n).is_file() for n in names)
+
+
+def _catalog_of(bundles: list[Path]) -> Catalog:
     models: dict[str, ModelCard] = {}
-    errors: list[str] = []
-    if not models_dir.is_dir():
-        return Catalog({}, (f"models directory {models_dir} does not exist",))
-    for bundle in sorted(p for p in models_dir.iterdir() if p.is_dir()):
-        if bundle.name.startswith((".", "_")):
-            continue
+    problems: list[Problem] = []
+    for bundle in bundles:
         try:
             card = read_card(bundle)
         except CatalogError as exc:
-            errors.append(str(exc))
+            problems.append(Problem.of(bundle, exc))
             continue
         if card.name in models:
-            errors.append(
-                f"{bundle}: model name {card.name!r} already used by {models[card.name].bundle_dir}"
+            problems.append(
+                Problem(
+                    bundle,
+                    f"{bundle}: model name {card.name!r} already used by "
+                    f"{models[card.name].bundle_dir}",
+                    card.card_path,
+                    "model.name",
+                )
             )
             continue
         models[card.name] = card
-    return Catalog(models, tuple(errors))
+    return Catalog(models, tuple(problems), tuple(bundles))
+
+
+def load_catalog(models_dir: Path) -> Catalog:
+    """Every valid bundle under ``models_dir`` (one per folder; folders starting with ``.`` or
+    ``_`` are skipped); invalid ones are listed in ``problems``."""
+    if not models_dir.is_dir():
+        what = "is not a folder" if models_dir.exists() else "does not exist"
+        message = f"models directory {models_dir} {what}"
+        return Catalog({}, (Problem(models_dir, message, models_dir),))
+    bundles = sorted(p for p in models_dir.iterdir() if p.is_dir())
+    return _catalog_of([b for b in bundles if not b.name.startswith((".", "_"))])
+
+
+def load_bundle(bundle_dir: Path) -> Catalog:
+    """The catalog of one bundle folder (see :func:`is_bundle`)."""
+    if not bundle_dir.is_dir():
+        message = f"bundle {bundle_dir} does not exist"
+        return Catalog({}, (Problem(bundle_dir, message, bundle_dir),))
+    return _catalog_of([bundle_dir])

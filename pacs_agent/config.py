@@ -85,7 +85,12 @@ class ListenerSettings(Section):
     max_pdu: int = Field(131072, ge=0)
     """Maximum PDU size we receive (0 = unlimited)."""
     max_associations: int = Field(16, ge=1)
-    """Concurrent associations accepted; more are rejected (transient, try later)."""
+    """Concurrent associations accepted by each listener process; more are rejected
+    (transient, try later). With ``processes`` N the service admits up to N times this."""
+    processes: int = Field(1, ge=1, le=64)
+    """Listener processes sharing the port (pre-forked by ``serve``, one accepting socket).
+    1: the listener runs inside the ``serve`` process. More spread associations over cores
+    on a machine with more cores than senders (decision 0011)."""
     memory_per_instance_mb: int = Field(64, ge=1)
     """A data set larger than this is gathered in a temporary file in the spool, not in
     memory, while it arrives."""
@@ -363,6 +368,19 @@ class ExportSettings(Section):
         return v
 
 
+class StorageSettings(Section):
+    """Where received instances and results live when they are not under ``data_dir``.
+
+    Workers on other hosts read the spool and write results: point both at shared storage
+    (NFS, CephFS) on every host, each host keeping its own ``data_dir``."""
+
+    spool_dir: Path | None = None
+    """Received instances. Default: ``<data_dir>/spool``."""
+    results_dir: Path | None = None
+    """SEG and SR files the inference workers write and the io workers export. Default:
+    ``<data_dir>/results``."""
+
+
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -392,6 +410,7 @@ class Settings(BaseSettings):
     models: ModelsSettings = Field(default_factory=ModelsSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @field_validator("uid_root")
@@ -422,10 +441,14 @@ class Settings(BaseSettings):
     # Derived paths and URLs: the one place that knows the layout of data_dir.
     @property
     def spool_dir(self) -> Path:
+        if self.storage.spool_dir is not None:
+            return self.storage.spool_dir.expanduser().resolve()
         return self.data_dir / "spool"
 
     @property
     def results_dir(self) -> Path:
+        if self.storage.results_dir is not None:
+            return self.storage.results_dir.expanduser().resolve()
         return self.data_dir / "results"
 
     @property

@@ -18,14 +18,18 @@ from pacs_agent.catalog import load_catalog
 from pacs_agent.config import Settings
 from pacs_agent.db.migrate import upgrade
 from pacs_agent.db.session import make_engine, make_session_factory
+from pacs_agent.listeners import ListenerFailed, ListenerProcesses, listening_socket
 from pacs_agent.net.scp import (
     ListenerRefused,
+    RunningListener,
     exposure_problem,
     receiver_for,
     start_listener,
+    tls_context,
 )
 from pacs_agent.queue import CeleryDispatcher, make_celery
 from pacs_agent.scheduler import Scheduler
+from pacs_agent.storage.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +101,12 @@ def serve(settings: Settings, *, config_file: Path | None, with_worker: bool) ->
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
 
+    server: RunningListener | ListenerProcesses
     try:
-        server = start_listener(settings.listener, receiver_for(settings, session_factory))
+        if settings.listener.processes == 1:
+            server = start_listener(settings.listener, receiver_for(settings, session_factory))
+        else:
+            server = _start_processes(settings, config_file)
     except (ListenerRefused, OSError) as exc:
         log.error("refusing to start: %s", exc)
         return 2
@@ -106,18 +114,43 @@ def serve(settings: Settings, *, config_file: Path | None, with_worker: bool) ->
         worker.start()
     thread = threading.Thread(target=scheduler.run, args=(stop,), name="scheduler", daemon=True)
     thread.start()
+    count = settings.listener.processes
     print(
         f"pacs-agent listening as {settings.listener.ae_title} on "
-        f"{settings.listener.host}:{settings.listener.port}",
+        f"{settings.listener.host}:{settings.listener.port}"
+        + (f" ({count} processes)" if count > 1 else ""),
         flush=True,
     )
+    code = 0
     try:
         while not stop.wait(1.0):
             if worker is not None:
                 worker.check()
+            if isinstance(server, ListenerProcesses):
+                server.check()
+    except ListenerFailed as exc:
+        log.error("stopping: %s", exc)
+        code = 1
     finally:
-        server.shutdown()
+        if isinstance(server, ListenerProcesses):
+            server.stop()
+        else:
+            server.shutdown()
         thread.join(10)
         if worker is not None:
             worker.stop()
-    return 0
+    return code
+
+
+def _start_processes(settings: Settings, config_file: Path | None) -> ListenerProcesses:
+    """``listener.processes`` children on one socket (decision 0011). The parent checks what
+    would make every child refuse to start (TLS files) and clears ``.incoming`` once."""
+    tls_context(settings.listener)
+    spool = Spool(settings.spool_dir)
+    sock = listening_socket(settings.listener)
+    left = spool.clear_incoming()
+    if left:
+        log.warning("removed %d half-received files left by a stopped listener", left)
+    processes = ListenerProcesses(settings.listener, spool, config_file, sock)
+    processes.start()
+    return processes

@@ -483,10 +483,16 @@ def tls_context(settings: ListenerSettings) -> ssl.SSLContext | None:
     return ctx
 
 
-def start_listener(settings: ListenerSettings, receiver: Receiver) -> RunningListener:
+def start_listener(
+    settings: ListenerSettings, receiver: Receiver, *, sock: socket.socket | None = None
+) -> RunningListener:
     """Start the SCP in background threads; returns the server (call ``shutdown()``).
 
-    Raises ListenerRefused when the settings would expose it to any caller on the network.
+    ``sock``: a listening socket shared with other listener processes (``serve`` with
+    ``listener.processes`` > 1): accepted from instead of binding ``host:port``, and
+    ``.incoming`` is left as it is (the parent cleared it before starting the processes;
+    the others' files are in use). Raises ListenerRefused when the settings would expose it
+    to any caller on the network.
     """
     problem = exposure_problem(settings)
     if problem is not None:
@@ -511,8 +517,8 @@ def start_listener(settings: ListenerSettings, receiver: Receiver) -> RunningLis
     def association(sock: socket.socket, address: str, slots: threading.Semaphore) -> Association:
         return Association(sock, address, service, supported, identity, limits, slots, tls)
 
-    server = Server(settings.host, settings.port, association, settings.max_associations)
-    left = receiver.spool.clear_incoming()
+    server = Server(settings.host, settings.port, association, settings.max_associations, sock)
+    left = receiver.spool.clear_incoming() if sock is None else 0
     if left:
         log.warning("removed %d half-received files left by a stopped listener", left)
     receiver.spool.make_files_ahead()

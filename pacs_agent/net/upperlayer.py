@@ -867,8 +867,18 @@ class Server:
         port: int,
         make: Callable[[socket.socket, str, threading.Semaphore], Association],
         max_associations: int,
+        sock: socket.socket | None = None,
     ) -> None:
-        self._listener = socket.create_server((host, port), backlog=64)
+        # ``sock``: a listening socket shared with other listener processes (pre-forked by
+        # ``serve``). Its blocking accept hands each connection to the process that has
+        # waited longest (the kernel wakes one waiter at a time, in turn). It is never shut
+        # down here, which would stop it listening for every process that shares it: at
+        # ``shutdown`` the accept thread is left blocked (a daemon; the process is ending)
+        # and closes what it still accepts.
+        self._shared = sock is not None
+        self._listener = (
+            sock if sock is not None else socket.create_server((host, port), backlog=64)
+        )
         self._make = make
         self._slots = threading.Semaphore(max_associations)
         # Connections at once, associated or not: each costs a thread. Beyond this a new
@@ -896,6 +906,9 @@ class Server:
                     return
                 time.sleep(0.05)  # EMFILE and the like: do not spin
                 continue
+            if self._stopping.is_set():
+                conn.close()  # shutting down (a shared socket's accept outlives shutdown)
+                return
             with self._lock:
                 full = len(self._open) >= self._max_connections
             if full:
@@ -933,11 +946,12 @@ class Server:
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop accepting, abort the open associations and wait for their threads."""
         self._stopping.set()
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
+        if not self._shared:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+            if self._thread.is_alive():
+                self._thread.join(timeout_s)
         with self._lock:
             open_now = dict(self._open)
         for association in open_now.values():

@@ -138,7 +138,9 @@ def write_durable(
         finally:
             os.close(taken[1])
     if not written:
-        tmp = (temp_dir or path.parent) / f".incoming-{threading.get_ident()}-{path.name}.part"
+        tmp = (
+            temp_dir or path.parent
+        ) / f".incoming-{os.getpid()}-{threading.get_ident()}-{path.name}.part"
         _write_and_rename(tmp, path, parts, None)
     if sync_dir:
         fsync_dir(path.parent)
@@ -366,12 +368,17 @@ class Spool:
             _make_dirs(incoming)
         return incoming
 
-    def clear_incoming(self) -> int:
+    def clear_incoming(self, pid: int | None = None) -> int:
         """Remove what a stopped listener left half-written in ``.incoming`` (never indexed,
-        never answered); the number of files removed."""
+        never answered); the number of files removed. With ``pid``, only what the listener
+        process ``pid`` left (one of several that share the spool died; the others' files
+        stay)."""
         removed = 0
         incoming = self.root / _INCOMING
-        for leftover in [*incoming.glob("*.part"), *incoming.glob(f"*{_AHEAD_SUFFIX}")]:
+        part, ahead = ("*.part", f"*{_AHEAD_SUFFIX}")
+        if pid is not None:
+            part, ahead = (f".incoming-{pid}-*.part", f"{pid}-*{_AHEAD_SUFFIX}")
+        for leftover in [*incoming.glob(part), *incoming.glob(ahead)]:
             with contextlib.suppress(OSError):
                 leftover.unlink()
                 removed += 1

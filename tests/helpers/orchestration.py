@@ -247,10 +247,12 @@ def small_study(out: Path, seed: int, slices: int = 12, size: int = 64) -> tuple
     return str(datasets[0].StudyInstanceUID), files
 
 
-def send_study(files: list[Path], port: int, calling_ae: str = "TESTSCU") -> None:
+def send_study(
+    files: list[Path], port: int, calling_ae: str = "TESTSCU", host: str = "127.0.0.1"
+) -> None:
     """C-STORE files to the agent with dcmtk's storescu (Nagle off), one association."""
     out = subprocess.run(
-        ["storescu", "-aet", calling_ae, "-aec", "PACSAGENT", "127.0.0.1", str(port)]
+        ["storescu", "-aet", calling_ae, "-aec", "PACSAGENT", host, str(port)]
         + [str(f) for f in files],
         env={**os.environ, "TCP_NODELAY": "1"},
         capture_output=True,

@@ -164,6 +164,8 @@ class Agent:
     workdir: Path
     port: int
     ae_title: str = "PACSAGENT"
+    #: Loopback address the listener binds (127.0.0.2 stands for another host).
+    host: str = "127.0.0.1"
     env_overrides: dict[str, str] = field(default_factory=dict)
     config_toml: str = ""
     with_worker: bool = True
@@ -182,6 +184,7 @@ class Agent:
         env.update(
             {
                 "PACS_AGENT_DATA_DIR": str(self.data_dir),
+                "PACS_AGENT_LISTENER__HOST": self.host,
                 "PACS_AGENT_LISTENER__PORT": str(self.port),
                 "PACS_AGENT_LISTENER__AE_TITLE": self.ae_title,
                 "PACS_AGENT_ASSEMBLER__IDLE_TIMEOUT_S": "1",
@@ -214,7 +217,7 @@ class Agent:
             raise RuntimeError(f"pacs-agent exited:\n{self.log_path.read_text()[-4000:]}")
         return (
             echo(
-                host="127.0.0.1",
+                host=self.host,
                 port=self.port,
                 called_ae=self.ae_title,
                 calling_ae="TESTSCU",

@@ -1,14 +1,13 @@
 """The three MONAI Model Zoo bundles in ../shared/model-zoo run unchanged on DICOM series.
 
-Their weights cannot be downloaded here: each test bundle links the shared ``configs/`` folder
-(read in place, never copied) and gets ``models/model.pt`` made from the bundle's own
-``network_def`` with a fixed seed. That exercises the real loading, preprocessing, inferer and
-postprocessing; it says nothing about accuracy.
+Their weights cannot be downloaded here: each test bundle (:func:`tests.helpers.zoo.zoo_bundle`)
+links the shared ``configs/`` folder (read in place, never copied) and gets ``models/model.pt``
+made from the bundle's own ``network_def`` with a fixed seed. That exercises the real loading,
+preprocessing, inferer and postprocessing; it says nothing about accuracy.
 """
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -21,32 +20,12 @@ from pydicom.dataset import Dataset
 from pacs_agent.catalog import read_card
 from pacs_agent.demo.radiograph import make_radiograph, radiograph_dataset
 from pacs_agent.dicom.volume import plan_volume
-from tests.helpers.paths import MODEL_ZOO
 from tests.helpers.realct import REAL_CT_DIR, repair_real_ct
+from tests.helpers.zoo import zoo_bundle
 from workers.runtime.bundle import BundleRunner
 from workers.runtime.series import RunnerCache, run_model
 
 ROOT = Path(__file__).resolve().parents[2]
-ZOO = MODEL_ZOO
-
-
-def zoo_bundle(name: str, target: Path, card: str = "") -> Path:
-    """``target``: the shared bundle's configs (linked), seeded random weights, a model card."""
-    source = ZOO / name
-    if not source.is_dir():
-        pytest.fail(f"{source} is missing: the shared Model Zoo configs must sit beside the repo")
-    target.mkdir(parents=True)
-    (target / "configs").symlink_to(source / "configs", target_is_directory=True)
-    config = next(p for p in (source / "configs").iterdir() if p.stem == "inference")
-    parser = ConfigParser()
-    parser.read_config(str(config))
-    torch.manual_seed(0)
-    network = parser.get_parsed_content("network_def")
-    (target / "models").mkdir()
-    torch.save(network.state_dict(), target / "models" / "model.pt")
-    if card:
-        (target / "pacs-agent.toml").write_text(textwrap.dedent(card))
-    return target
 
 
 @pytest.fixture(scope="module")

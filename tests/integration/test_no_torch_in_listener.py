@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.servers import Agent, free_port
+from tests.helpers.servers import Agent, free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -41,5 +42,33 @@ def test_running_serve_process_has_not_loaded_torch(tmp_path: Path) -> None:
         ]
         assert loaded == []
         assert "pynetdicom" in maps or "site-packages" in maps  # a Python process, mapped
+    finally:
+        agent.stop()
+
+
+def test_listener_processes_of_serve_have_not_loaded_torch(tmp_path: Path) -> None:
+    """With ``listener.processes`` = 2 each listener child is checked the same way."""
+    agent = Agent(
+        workdir=tmp_path,
+        port=free_port(),
+        with_worker=False,
+        env_overrides={"PACS_AGENT_LISTENER__PROCESSES": "2"},
+    )
+    agent.start()
+    try:
+        ready = re.compile(r"listener process \d of 2 ready \(pid (\d+)\)")
+        pids = wait_for(
+            lambda: (found := ready.findall(agent.log_tail(10**6))) and len(found) >= 2 and found,
+            90,
+            "two listener processes",
+        )
+        for pid in pids:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+            assert not [
+                line
+                for line in maps.splitlines()
+                if "libtorch" in line or "/torch/" in line or "/monai/" in line
+            ]
+            assert "site-packages" in maps
     finally:
         agent.stop()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import textwrap
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from pacs_agent.catalog import CatalogError, load_catalog, read_card
+from pacs_agent.catalog import CatalogError, is_bundle, load_bundle, load_catalog, read_card
 from pacs_agent.cli.main import app
 from pacs_agent.domain.detection import DetectionCriteria
 
@@ -162,25 +161,34 @@ def test_invalid_card_says_what_and_where(tmp_path: Path, card: str, message: st
     assert str(bundle / "pacs-agent.toml") in str(info.value)
 
 
+def test_card_errors_carry_the_file_and_the_key(tmp_path: Path) -> None:
+    bundle = _bundle(tmp_path, "m", CLASSIFIER.format(name="m", threshold=0.5))
+    text = (bundle / "pacs-agent.toml").read_text()
+    (bundle / "pacs-agent.toml").write_text(text.replace("index = 1", "index = 5"))
+    with pytest.raises(CatalogError) as info:
+        read_card(bundle)
+    assert (info.value.file, info.value.key) == (bundle / "pacs-agent.toml", "findings.index")
+
+
+def test_one_bundle_folder_is_a_bundle_and_its_subfolders_are_not_bundles(tmp_path: Path) -> None:
+    bundle = _bundle(tmp_path, "m", CLASSIFIER.format(name="m", threshold=0.5))
+    assert is_bundle(bundle) and not is_bundle(tmp_path)
+    one = load_bundle(bundle)
+    assert list(one.models) == ["m"] and one.problems == () and one.bundles == (bundle,)
+    # Read as a models directory, a bundle's own folders are taken for bundles without cards.
+    as_directory = load_catalog(bundle)
+    assert {p.bundle.name for p in as_directory.problems} == {"configs", "models"}
+    assert all("no model card" in e for e in as_directory.errors)
+
+
 def test_bundle_without_weights_is_reported(tmp_path: Path) -> None:
     bundle = _bundle(tmp_path, "m", CLASSIFIER.format(name="m", threshold=0.5))
     (bundle / "models" / "model.pt").unlink()
-    with pytest.raises(CatalogError, match=r"weights missing \(models/model\.pt or models/model"):
+    with pytest.raises(
+        CatalogError, match=r"weights missing \(models/model\.pt or models/model"
+    ) as e:
         read_card(bundle)
-
-
-def test_models_validate_json_lists_good_models_and_errors_with_exit_status_1(
-    tmp_path: Path,
-) -> None:
-    shutil.copytree(BUNDLES / "demo_cr_nodule_cls", tmp_path / "demo_cr_nodule_cls")
-    _bundle(tmp_path, "broken", CLASSIFIER.format(name="broken", threshold=7))
-    result = CliRunner().invoke(app, ["models", "validate", str(tmp_path), "--json"])
-    assert result.exit_code == 1
-    report = json.loads(result.stdout)
-    assert [m["name"] for m in report["models"]] == ["demo_cr_nodule_cls"]
-    assert report["models"][0]["accepts"]["modality"] == ["CR", "DX"]
-    assert len(report["errors"]) == 1 and "broken" in report["errors"][0]
-    assert "findings[0].threshold" in report["errors"][0]
+    assert e.value.file == bundle / "models" / "model.pt"
 
 
 def test_models_list_json_shows_the_shipped_demo_models(

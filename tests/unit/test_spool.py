@@ -67,6 +67,33 @@ def test_clear_incoming_removes_what_a_stopped_listener_left_half_written(
     assert os.listdir(tmp_path / ".incoming") == []
 
 
+def test_clear_incoming_of_one_process_leaves_the_other_processes_files(tmp_path: Path) -> None:
+    """A dead listener process's leftovers go; the files of those still running stay."""
+    incoming = tmp_path / ".incoming"
+    incoming.mkdir()
+    mine = [".incoming-123-77-x.dcm.part", "123-0.ahead", "123-11.ahead"]
+    others = [".incoming-1234-77-x.dcm.part", "1234-0.ahead", "12-3.ahead", "9123-1.ahead"]
+    for name in mine + others:
+        (incoming / name).write_bytes(b"")
+    assert Spool(tmp_path).clear_incoming(123) == 3
+    assert sorted(os.listdir(incoming)) == sorted(others)
+
+
+def test_a_temp_file_of_our_own_is_named_for_this_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[str] = []
+    real = spool_module._write_and_rename
+
+    def spy(tmp: Path, path: Path, parts: Any, fd: int | None) -> None:
+        seen.append(tmp.name)
+        real(tmp, path, parts, fd)
+
+    monkeypatch.setattr(spool_module, "_write_and_rename", spy)
+    write_durable(tmp_path / "a.dcm", b"x", temp_dir=tmp_path)
+    assert seen == [f".incoming-{os.getpid()}-{threading.get_ident()}-a.dcm.part"]
+
+
 @pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 512 * 1024 + 300])
 def test_durable_write_past_the_page_cache_keeps_the_exact_bytes_and_size(
     tmp_path: Path, size: int

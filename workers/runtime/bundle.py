@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 import tempfile
 import time
@@ -47,7 +48,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from monai.bundle import ConfigParser
+from monai.bundle import ConfigParser, ReferenceResolver
 from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform
 from pydicom.dataset import Dataset
@@ -82,7 +83,25 @@ _DISCRETE_NAMES = frozenset({"AsDiscrete", "AsDiscreted"})
 
 
 class BundleError(ValueError):
-    """The bundle cannot be used: a file is missing or its configuration lacks or breaks a part."""
+    """The bundle cannot be used: a file is missing or its configuration lacks or breaks a part.
+
+    ``file`` is the file that is wrong (the configuration, the weights), ``key`` the
+    configuration id (``preprocessing#transforms#2#keys``) and ``line`` the line in ``file``,
+    each when known; the message says them too.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: Path | None = None,
+        key: str | None = None,
+        line: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.file = file
+        self.key = key
+        self.line = line
 
 
 class SeriesGeometryError(ValueError):
@@ -108,6 +127,76 @@ def resolve_device(device: str) -> torch.device:
         return torch.device(device)
     except RuntimeError as exc:
         raise ValueError(f"not a device: {device!r} ({exc})") from exc
+
+
+def _display_id(config_id: str) -> str:
+    """A configuration id as bundles and model cards write it (``a#b#0``; MONAI uses ``::``)."""
+    return config_id.replace("::", "#")
+
+
+def _error_position(exc: BaseException) -> int | None:
+    """The line a JSON or YAML parser reported for ``exc`` (1-based), when it did."""
+    line = getattr(exc, "lineno", None)  # json.JSONDecodeError
+    if isinstance(line, int):
+        return line
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)  # yaml
+    return int(mark.line) + 1 if mark is not None else None
+
+
+_MISSING_REFERENCE = re.compile(
+    r"referring item `@(?P<a>[^`]+)` is not defined|can not find expected ID '(?P<b>[^']+)'"
+)
+
+
+def _deepest_local(exc: BaseException, function: str, name: str) -> Any:
+    """The local ``name`` of the deepest call of ``function`` on ``exc``'s traceback (the first
+    exception of the chain that has such a call), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        found = None
+        tb = current.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_name == function:
+                found = tb.tb_frame.f_locals.get(name)
+            tb = tb.tb_next
+        if found is not None:
+            return found
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _failing_id(exc: BaseException, parser: ConfigParser, built: str) -> str:
+    """The configuration id whose content made building ``built`` fail.
+
+    MONAI resolves an id by resolving the ids it depends on first (``_resolve_one_item``
+    recursing); the deepest of those calls on the failing path is the item that failed. A
+    reference to an id that does not exist is narrowed further, to the entry that holds the
+    ``@reference``. Falls back to ``built`` when the traceback says nothing more.
+    """
+    found = _deepest_local(exc, "_resolve_one_item", "id")
+    deepest = found if isinstance(found, str) else built
+    match = _MISSING_REFERENCE.search(str(exc))
+    if match is not None:
+        missing = match.group("a") or match.group("b")
+        holder = _holder_of_reference(parser.get(deepest), deepest, missing)
+        if holder is not None:
+            deepest = holder
+    return _display_id(deepest)
+
+
+def _holder_of_reference(config: Any, config_id: str, missing: str) -> str | None:
+    """The id of the first string under ``config`` (at ``config_id``) referring to ``missing``."""
+    if isinstance(config, str):
+        refs = ReferenceResolver.match_refs_pattern(config)
+        return config_id if missing in refs else None
+    if isinstance(config, (dict, list)):
+        for _, sub_id, value in ReferenceResolver.iter_subconfigs(config_id, config):
+            found = _holder_of_reference(value, sub_id, missing)
+            if found is not None:
+                return found
+    return None
 
 
 def _writes_files(transform: object) -> bool:
@@ -222,16 +311,44 @@ class BundleRunner:
         try:
             parser.read_config(str(self.config_path))
         except Exception as exc:
-            raise BundleError(f"{self.config_path} cannot be read: {exc}") from exc
+            raise BundleError(
+                f"{self.config_path} cannot be read: {exc}",
+                file=self.config_path,
+                line=_error_position(exc),
+            ) from exc
         for key, value in (overrides or {}).items():
-            parser[key] = value
+            try:
+                parser[key] = value
+            except Exception as exc:
+                raise BundleError(
+                    f"{self.config_path}: the model card's override {key!r} cannot be set "
+                    f"in this configuration ({type(exc).__name__}: {exc})",
+                    file=self.config_path,
+                    key=key,
+                ) from exc
         parser["bundle_root"] = str(self.bundle_dir)
         parser["device"] = f"$torch.device({str(self.device)!r})"
+        try:
+            # What get_parsed_content does first; done here to say which entry fails.
+            parser.parse()
+        except Exception as exc:
+            # MONAI's _do_resolve recurses with the id it is at and, for a macro, the file.
+            where = _deepest_local(exc, "_do_resolve", "id")
+            macro_file = _deepest_local(exc, "_do_resolve", "path")
+            raise BundleError(
+                f"{self.config_path}: {_display_id(str(where or ''))!r}: a macro (%file#id) or "
+                f"relative id cannot be resolved: {exc}",
+                file=Path(macro_file).resolve() if macro_file else self.config_path,
+                key=_display_id(where) if isinstance(where, str) and where else None,
+                line=_error_position(exc),
+            ) from exc
         self._parser = parser
 
         for key in ("preprocessing", "inferer"):
             if key not in parser:
-                raise BundleError(f"{self.config_path} has no {key!r}")
+                raise BundleError(
+                    f"{self.config_path} has no {key!r}", file=self.config_path, key=key
+                )
         started = time.monotonic()
         with _bundle_on_path(self.bundle_dir):
             self.image_key: str = (
@@ -257,14 +374,23 @@ class BundleRunner:
             if path.is_file():
                 return path
         raise BundleError(
-            f"bundle {self.bundle_dir} has no configs/{' or configs/'.join(CONFIG_NAMES)}"
+            f"bundle {self.bundle_dir} has no configs/{' or configs/'.join(CONFIG_NAMES)}",
+            file=self.bundle_dir / "configs" / CONFIG_NAMES[0],
         )
 
     def _parsed(self, key: str) -> Any:
+        """The built (instantiated) entry ``key``; BundleError naming the entry that failed
+        (``key`` itself or the entry within or beneath it whose content is wrong)."""
         try:
             return self._parser.get_parsed_content(key, instantiate=True)
         except Exception as exc:
-            raise BundleError(f"{self.config_path}: {key!r} cannot be built: {exc}") from exc
+            where = _failing_id(exc, self._parser, key)
+            building = "" if where == key else f" (building {key!r})"
+            raise BundleError(
+                f"{self.config_path}: {where!r} cannot be built{building}: {exc}",
+                file=self.config_path,
+                key=where,
+            ) from exc
 
     def _load_network(self) -> torch.nn.Module:
         weights = self.bundle_dir / "models" / "model.pt"
@@ -273,34 +399,54 @@ class BundleRunner:
         if weights.is_file():
             key = next((k for k in ("network", "network_def") if k in self._parser), None)
             if key is None:
-                raise BundleError(f"{self.config_path} has neither 'network' nor 'network_def'")
+                raise BundleError(
+                    f"{self.config_path} has neither 'network' nor 'network_def'",
+                    file=self.config_path,
+                    key="network_def",
+                )
             built = self._parsed(key)
             if not isinstance(built, torch.nn.Module):
-                raise BundleError(f"{self.config_path}: {key!r} is not a torch module")
+                raise BundleError(
+                    f"{self.config_path}: {key!r} is not a torch module",
+                    file=self.config_path,
+                    key=key,
+                )
             network = built
             try:
                 state: Any = torch.load(weights, map_location=self.device, weights_only=True)
             except Exception as exc:
-                raise BundleError(f"{weights} cannot be loaded as weights: {exc}") from exc
+                raise BundleError(
+                    f"{weights} cannot be loaded as weights: {exc}", file=weights
+                ) from exc
             if isinstance(state, dict) and isinstance(state.get("model"), dict):
                 state = state["model"]
             if not isinstance(state, dict):
-                raise BundleError(f"{weights} holds no state dict")
+                raise BundleError(f"{weights} holds no state dict", file=weights)
             if state and all(str(k).startswith("module.") for k in state):
                 state = {str(k)[len("module.") :]: v for k, v in state.items()}
             try:
                 network.load_state_dict(state)
             except RuntimeError as exc:
-                raise BundleError(f"{weights} does not fit the bundle's network: {exc}") from exc
+                raise BundleError(
+                    f"{weights} does not fit the bundle's network ({key!r} in "
+                    f"{self.config_path.name}): {exc}",
+                    file=weights,
+                    key=key,
+                ) from exc
         elif torchscript.is_file():
             try:
                 network = torch.jit.load(  # type: ignore[no-untyped-call]
                     str(torchscript), map_location=self.device
                 )
             except Exception as exc:
-                raise BundleError(f"{torchscript} cannot be loaded: {exc}") from exc
+                raise BundleError(
+                    f"{torchscript} cannot be loaded: {exc}", file=torchscript
+                ) from exc
         else:
-            raise BundleError(f"bundle {self.bundle_dir} has no models/model.pt or models/model.ts")
+            raise BundleError(
+                f"bundle {self.bundle_dir} has no models/model.pt or models/model.ts",
+                file=weights,
+            )
         return network.to(self.device).eval()
 
     def _infer(self, path: Path | str) -> MetaTensor:
