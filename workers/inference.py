@@ -2,7 +2,8 @@
 
 Called by the thin Celery task with a job id. Every outcome is a visible job state: the job
 is claimed with a guarded transition (two workers never both run it), and any error ends in
-``failed`` with its reason.
+``failed`` with its reason, which names the step the job was in
+(:class:`workers.outcome.JobSteps`) and what was wrong, without patient data.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pacs_agent.domain.uids import job_result_uids
 from pacs_agent.findings import replace_findings
 from pacs_agent.notify.outbox import FINDINGS, create_notifications
 from pacs_agent.storage.spool import Spool
+from workers.outcome import JobSteps, fail_or_retry
 
 if TYPE_CHECKING:
     from workers.celery_app import WorkerContext
@@ -68,11 +70,9 @@ def run_inference_job(ctx: WorkerContext, job_id: int) -> str:
         log.info("job %d: not queued any more; skipping this delivery", job_id)
         return "skipped"
     try:
-        files = _produce(ctx, job_id)
+        files = _produce(ctx, job_id, JobSteps())
     except Exception as exc:
         # Transient errors are retried with backoff; permanent ones fail at once.
-        from workers.outcome import fail_or_retry
-
         return fail_or_retry(ctx, job_id, exc)
     done = utcnow()
     export = bool(settings.export.destinations)
@@ -101,10 +101,10 @@ def run_inference_job(ctx: WorkerContext, job_id: int) -> str:
     return "succeeded"
 
 
-def _produce(ctx: WorkerContext, job_id: int) -> dict[str, str | float | None]:
+def _produce(ctx: WorkerContext, job_id: int, steps: JobSteps) -> dict[str, str | float | None]:
     settings = ctx.settings
     spool = Spool(settings.spool_dir)
-    with ctx.session_factory() as session:
+    with steps.step("loading the job"), ctx.session_factory() as session:
         job = session.get(Job, job_id)
         assert job is not None
         series = session.get(Series, job.series_id)
@@ -116,13 +116,16 @@ def _produce(ctx: WorkerContext, job_id: int) -> dict[str, str | float | None]:
         ]
         model_name = job.model_name
         study_uid, series_uid = study.study_instance_uid, series.series_instance_uid
-    if not paths:
-        raise JobInputError("the series has no instances")
-    card = load_catalog(settings.models_dir).get(model_name)
-    t0 = time.monotonic()
-    datasets: list[Dataset] = [dcmread(p) for p in paths]
+    with steps.step("reading the series"):
+        if not paths:
+            raise JobInputError("the series has no instances")
+        card = load_catalog(settings.models_dir).get(model_name)
+        t0 = time.monotonic()
+        datasets: list[Dataset] = [dcmread(p) for p in paths]
+    steps.keep_private(datasets)
     t1 = time.monotonic()
-    output = _run_model(ctx, card, datasets)
+    with steps.step(f"running model {card.name}"):
+        output = _run_model(ctx, card, datasets)
     mask, segments = output.mask, output.segments
     t2 = time.monotonic()
 
@@ -136,23 +139,28 @@ def _produce(ctx: WorkerContext, job_id: int) -> dict[str, str | float | None]:
         classifications=output.classifications,
         processing_notes=output.processing_notes,
     )
-    seg = (
-        build_segmentation(datasets, mask, result, include_empty=settings.export.include_empty_seg)
-        if mask is not None
-        else None
-    )
-    sr = build_measurement_report(datasets, seg, result)
+    with steps.step("building the Segmentation"):
+        seg = (
+            build_segmentation(
+                datasets, mask, result, include_empty=settings.export.include_empty_seg
+            )
+            if mask is not None
+            else None
+        )
+    with steps.step("building the TID 1500 SR"):
+        sr = build_measurement_report(datasets, seg, result)
 
     out_rel = Path(study_uid) / str(job_id)
     out_dir = settings.results_dir / out_rel
     seg_rel = sr_rel = None
-    if seg is not None:
-        seg_rel = out_rel / f"SEG_{uids.seg_sop_uid}.dcm"
-        write_dataset(seg, settings.results_dir / seg_rel)
-    sr_rel = out_rel / f"SR_{uids.sr_sop_uid}.dcm"
-    write_dataset(sr, out_dir / sr_rel.name)
+    with steps.step("writing the results"):
+        if seg is not None:
+            seg_rel = out_rel / f"SEG_{uids.seg_sop_uid}.dcm"
+            write_dataset(seg, settings.results_dir / seg_rel)
+        sr_rel = out_rel / f"SR_{uids.sr_sop_uid}.dcm"
+        write_dataset(sr, out_dir / sr_rel.name)
 
-    with ctx.session_factory.begin() as session:
+    with steps.step("recording the findings"), ctx.session_factory.begin() as session:
         replace_findings(session, job_id, result, card.flags)
     log.info(
         "job %d: %s on series %s (%s): %d segment(s) detected, %d finding(s) flagged",

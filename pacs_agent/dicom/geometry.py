@@ -1,9 +1,11 @@
-"""Slice geometry and per-segment statistics of a single-frame image series.
+"""Slice geometry and per-segment statistics of an image series.
 
 Pure functions: datasets and arrays in, numbers out. The convention everywhere in
-``pacs_agent.dicom`` is that ``mask[i]`` belongs to ``datasets[i]`` (in the order the caller
-passes them), and that a mask is a *label map*: the voxels whose value is a segment's
-``SegmentSpec.number`` belong to that segment, 0 is background.
+``pacs_agent.dicom`` is that ``mask[i]`` belongs to the ``i``-th image plane of the datasets:
+``datasets[i]`` for single-frame instances (in the order the caller passes them), frame
+``i + 1`` for one multi-frame image (enhanced CT/MR); see :func:`plane_headers`. A mask is a
+*label map*: the voxels whose value is a segment's ``SegmentSpec.number`` belong to that
+segment, 0 is background.
 
 :func:`measure_segments` also finds each segment's connected components (scipy, the worker's
 dependency, imported only when it runs) and applies the model card's thresholds
@@ -20,6 +22,7 @@ import numpy.typing as npt
 from pydicom import Dataset
 from pydicom.pixels.processing import apply_modality_lut
 
+from pacs_agent.dicom.volume import _functional, _group_item, frames_of
 from pacs_agent.domain.detection import ComponentSelection, select_components
 from pacs_agent.domain.results import SegmentResult, SegmentSpec
 
@@ -52,6 +55,64 @@ def slice_normal(ds: Dataset) -> npt.NDArray[np.float64]:
             f"instance {ds.get('SOPInstanceUID', '?')} has a degenerate ImageOrientationPatient"
         )
     return np.asarray(normal / norm, dtype=np.float64)
+
+
+def is_multi_frame(ds: Dataset) -> bool:
+    """True for a multi-frame image: several frames, or per-frame functional groups."""
+    return int(ds.get("NumberOfFrames", 1) or 1) > 1 or "PerFrameFunctionalGroupsSequence" in ds
+
+
+def plane_headers(datasets: Sequence[Dataset]) -> list[Dataset]:
+    """One header per image plane of ``datasets``, in the order of
+    :func:`pacs_agent.dicom.volume.frames_of` (the order of the ``mask`` convention).
+
+    A single-frame instance is its own header (the same object). Each frame of a multi-frame
+    image gets a header without pixel data that describes that frame the way a single-frame
+    instance would: Rows, Columns, Modality, the instance's SOPInstanceUID, InstanceNumber =
+    frame number, and the frame's ImagePositionPatient, ImageOrientationPatient, PixelSpacing,
+    SliceThickness and RescaleSlope/RescaleIntercept from its per-frame or the shared
+    functional groups (else the image's own attributes). Raises ValueError for a dataset that
+    is not an image.
+    """
+    if not any(is_multi_frame(ds) for ds in datasets):
+        return list(datasets)
+    headers: list[Dataset] = []
+    for frame in frames_of(datasets):
+        ds = datasets[frame.dataset_index]
+        if frame.frame_index is None:
+            headers.append(ds)
+            continue
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+        item = (
+            per_frame[frame.frame_index]
+            if per_frame is not None and frame.frame_index < len(per_frame)
+            else None
+        )
+        shared = _group_item(ds, "SharedFunctionalGroupsSequence")
+        header = Dataset()
+        header.Rows, header.Columns = frame.rows, frame.columns
+        for keyword in ("Modality", "SOPClassUID", "SOPInstanceUID"):
+            if keyword in ds:
+                header[keyword] = ds[keyword]
+        header.InstanceNumber = frame.frame_index + 1
+        if frame.position is not None:
+            header.ImagePositionPatient = list(frame.position)
+        if frame.orientation is not None:
+            header.ImageOrientationPatient = list(frame.orientation)
+        spacing = _functional(item, shared, "PixelMeasuresSequence", "PixelSpacing")
+        spacing = spacing if spacing is not None else ds.get("PixelSpacing")
+        if spacing is not None:
+            header.PixelSpacing = list(spacing)
+        thickness = _functional(item, shared, "PixelMeasuresSequence", "SliceThickness")
+        thickness = thickness if thickness is not None else ds.get("SliceThickness")
+        if thickness is not None:
+            header.SliceThickness = thickness
+        slope = frame.slope if frame.slope is not None else ds.get("RescaleSlope")
+        intercept = frame.intercept if frame.intercept is not None else ds.get("RescaleIntercept")
+        if slope is not None and intercept is not None:
+            header.RescaleSlope, header.RescaleIntercept = slope, intercept
+        headers.append(header)
+    return headers
 
 
 def has_plane_geometry(datasets: Sequence[Dataset]) -> bool:
@@ -272,24 +333,39 @@ def _keep_components(
 
 
 def _statistics(
-    mask: np.ndarray, datasets: Sequence[Dataset], segments: Sequence[SegmentSpec]
+    mask: np.ndarray,
+    datasets: Sequence[Dataset],
+    planes: Sequence[Dataset],
+    segments: Sequence[SegmentSpec],
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], bool]:
-    """Voxel count and HU sum of every label value, and whether the series is CT."""
+    """Voxel count and HU sum of every label value, and whether the series is CT.
+
+    ``planes`` are the :func:`plane_headers` of ``datasets`` (``mask[i]`` on ``planes[i]``)."""
     counts = label_counts(mask)
     size = len(counts)
     sums = np.zeros(size, dtype=np.float64)
     is_ct = all(str(ds.get("Modality", "")) == "CT" for ds in datasets)
     if is_ct and any(s.number < size and counts[s.number] for s in segments):
-        for ds, frame in zip(datasets, mask, strict=True):
+        decoded: dict[int, np.ndarray] = {}
+        frames = frames_of(datasets) if any(is_multi_frame(ds) for ds in datasets) else None
+        for index, (plane, frame) in enumerate(zip(planes, mask, strict=True)):
             labels = _frame_labels(frame)
             if not labels.any():
                 continue
+            ds = datasets[frames[index].dataset_index] if frames is not None else plane
             if "PixelData" not in ds:
                 raise ValueError(
                     f"instance {ds.get('SOPInstanceUID', '?')} has no pixel data: "
                     "mean HU needs the full dataset"
                 )
-            hounsfield = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float64)
+            if frames is None or frames[index].frame_index is None:
+                stored = ds.pixel_array
+            else:
+                if id(ds) not in decoded:
+                    decoded[id(ds)] = ds.pixel_array
+                pixels = decoded[id(ds)]
+                stored = pixels[frames[index].frame_index] if pixels.ndim == 3 else pixels
+            hounsfield = np.asarray(apply_modality_lut(stored, plane), dtype=np.float64)
             sums += np.bincount(labels, weights=np.ravel(hounsfield), minlength=size)
     return counts, sums, is_ct
 
@@ -300,7 +376,8 @@ def measure_segments(
     """Each segment's connected components, kept volume and mean HU, and the label map to
     put in the Segmentation.
 
-    ``mask`` is a (frames, rows, cols) label map with ``mask[i]`` on ``datasets[i]``. Per
+    ``mask`` is a (frames, rows, cols) label map with ``mask[i]`` on the ``i``-th image plane
+    of ``datasets`` (``datasets[i]``, or frame ``i + 1`` of one multi-frame image). Per
     segment (``segments`` order), its connected components (3D, the card's connectivity) are
     counted; those below the card's ``min_component_mm3`` are dropped. Of the kept voxels: the
     voxel count, the volume (count x the voxel volume from the slice geometry), the number of
@@ -316,12 +393,13 @@ def measure_segments(
     data when a segment has voxels.
     """
     mask = np.asarray(mask)
-    check_mask(mask, datasets)
+    planes = plane_headers(datasets)
+    check_mask(mask, planes)
     labelled = label_counts(mask)
     check_labels(labelled, segments)
-    voxel_volume = voxel_volume_mm3(datasets)
-    kept, selections = _keep_components(mask, datasets, segments, labelled, voxel_volume)
-    counts, sums, is_ct = _statistics(kept, datasets, segments)
+    voxel_volume = voxel_volume_mm3(planes)
+    kept, selections = _keep_components(mask, planes, segments, labelled, voxel_volume)
+    counts, sums, is_ct = _statistics(kept, datasets, planes, segments)
     size = len(counts)
 
     def count(spec: SegmentSpec) -> int:

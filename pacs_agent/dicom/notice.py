@@ -12,9 +12,10 @@ come. Content tree (root CONTAINER "Diagnostic Imaging Report", LN 18748-4):
   series and the reason the job failed.
 
 It references the source instances as evidence, carries the patient and study of the source
-(nothing else from it) and marks the document complete but unverified. SOP and Series
-Instance UIDs are derived from the job (``pacs_agent.domain.uids.failure_notice_uids``), so
-another failure of the same job replaces it in the PACS.
+(type 2 attributes it lacks written empty; nothing else from it) and marks the document
+complete but unverified. SOP and Series Instance UIDs are derived from the job
+(``pacs_agent.domain.uids.failure_notice_uids``), so another failure of the same job replaces
+it in the PACS.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pacs_agent.dicom.seg import (
     algorithm_equipment,
     fit_long_string,
 )
+from pacs_agent.dicom.sources import builder_sources, no_patient_names_in_warnings
 from pacs_agent.dicom.sr import procedure_reported
 from pacs_agent.domain.results import AlgorithmSpec
 
@@ -61,6 +63,7 @@ def failure_text(algorithm: AlgorithmSpec, source: Dataset, reason: str) -> str:
     )
 
 
+@no_patient_names_in_warnings()
 def build_failure_notice(
     source_datasets: Sequence[Dataset],
     algorithm: AlgorithmSpec,
@@ -71,7 +74,8 @@ def build_failure_notice(
     series_number: int = NOTICE_SERIES_NUMBER,
 ) -> hd.sr.Comprehensive3DSR:
     """A Comprehensive 3D SR stating that ``algorithm`` could not process the series of
-    ``source_datasets`` (headers suffice) because of ``reason``.
+    ``source_datasets`` (headers suffice) because of ``reason``. Type 2 patient and study
+    attributes the sources lack are written empty, as in the measurement report.
 
     Raises ValueError when there are no sources or they span several series.
     """
@@ -109,7 +113,7 @@ def build_failure_notice(
     non_ascii = not all(t.isascii() for t in (text, algorithm.name, algorithm.manufacturer))
     charset = source.get("SpecificCharacterSet")
     return hd.sr.Comprehensive3DSR(
-        evidence=list(source_datasets),
+        evidence=builder_sources(source_datasets),
         content=root,
         series_instance_uid=series_instance_uid,
         series_number=series_number,

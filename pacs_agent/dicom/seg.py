@@ -20,9 +20,12 @@ from pacs_agent.dicom.geometry import (
     check_labels,
     check_mask,
     has_plane_geometry,
+    is_multi_frame,
     label_counts,
+    plane_headers,
     slice_order,
 )
+from pacs_agent.dicom.sources import builder_sources, no_patient_names_in_warnings
 from pacs_agent.domain.results import AlgorithmSpec, JobResult, SegmentSpec
 from pacs_agent.domain.results import CodedConcept as DomainCode
 from pacs_agent.domain.uids import DEFAULT_UID_ROOT, derive_uid, validate_uid_root
@@ -142,6 +145,7 @@ def segment_numbers_by_tracking_uid(seg: Dataset) -> dict[str, int]:
     return numbers
 
 
+@no_patient_names_in_warnings()
 def build_segmentation(
     source_datasets: Sequence[Dataset],
     mask: np.ndarray,
@@ -155,7 +159,9 @@ def build_segmentation(
 
     ``mask`` is a (frames, rows, cols) label map with ``mask[i]`` on ``source_datasets[i]``
     (any order: the sources are put in slice order first, so the object does not depend on
-    it). Segments are those of
+    it). The source may also be one multi-frame image (enhanced CT/MR, one file): then
+    ``mask[i]`` is on its frame ``i + 1`` and the SEG's frames reference those source frames.
+    Segments are those of
     ``result.segments`` that have voxels in the mask, numbered 1.. in that order; with
     ``include_empty`` the empty ones are kept too. Frames without any segment are omitted.
     Patient and study come from the sources; SOP and Series Instance UIDs from
@@ -167,15 +173,26 @@ def build_segmentation(
     :func:`pacs_agent.dicom.geometry.measure_segments` returns (without the components the
     model card drops and the segments it does not detect).
 
+    Type 2 patient and study attributes the sources lack are written empty
+    (:func:`pacs_agent.dicom.sources.builder_sources`); the sources are not modified.
+
     Raises ValueError when the mask does not fit the sources, holds labels that
     ``result.segments`` does not describe, disagrees with ``result`` about which segments
-    were detected or how many voxels a detected one has, or the sources are not one stack of
-    parallel slices.
+    were detected or how many voxels a detected one has, the sources are not one stack of
+    parallel slices, or they mix a multi-frame image with other instances (a SEG references
+    one multi-frame image or single-frame instances).
     """
     if not source_datasets:
         raise ValueError("no source datasets")
+    multi_frame = [ds for ds in source_datasets if is_multi_frame(ds)]
+    if multi_frame and len(source_datasets) > 1:
+        raise ValueError(
+            f"the series has {len(source_datasets)} instances, {len(multi_frame)} of them "
+            "multi-frame: a Segmentation references one multi-frame image or single-frame "
+            "instances"
+        )
     mask = np.asarray(mask)
-    check_mask(mask, source_datasets)
+    check_mask(mask, plane_headers(source_datasets))
     specs = [segment.segment for segment in result.segments]
     counts = label_counts(mask)
     check_labels(counts, specs)
@@ -205,9 +222,11 @@ def build_segmentation(
     order = (
         slice_order(source_datasets)
         if len(source_datasets) > 1 and has_plane_geometry(source_datasets)
-        else list(range(len(source_datasets)))
+        else list(range(len(mask)))
     )
-    sources = [source_datasets[i] for i in order]
+    sources = builder_sources(
+        source_datasets if multi_frame else [source_datasets[i] for i in order]
+    )
     # Relabel to the SEG's segment numbers 1..n (0 for segments left out): highdicom takes a
     # label map and splits it per segment frame by frame, so no (frames, rows, cols, segments)
     # array is ever made.

@@ -47,6 +47,7 @@ from pacs_agent.dicom.seg import (
     segment_numbers_by_tracking_uid,
     segment_tracking_uid,
 )
+from pacs_agent.dicom.sources import builder_sources, no_patient_names_in_warnings
 from pacs_agent.domain.results import JobResult, SegmentResult
 
 #: Default Series Number of the SR series.
@@ -234,6 +235,7 @@ def _classification_group(
     )
 
 
+@no_patient_names_in_warnings()
 def build_measurement_report(
     source_datasets: Sequence[Dataset],
     seg: Dataset | None,
@@ -247,8 +249,9 @@ def build_measurement_report(
     ``seg`` is the Segmentation built by :func:`pacs_agent.dicom.seg.build_segmentation` for
     the same result (None when nothing was detected); its segments are found by Tracking UID.
     Evidence: the source instances and the SEG. The report is complete, preliminary and
-    unverified (nobody has reviewed it). Patient and study come from the sources; SOP and
-    Series Instance UIDs from ``result.uids``.
+    unverified (nobody has reviewed it). Patient and study come from the sources (type 2
+    attributes they lack are written empty; the sources are not modified); SOP and Series
+    Instance UIDs from ``result.uids``.
 
     Segments (``result.segments``) and classification outputs (``result.classifications``)
     each get their measurement group, so one report serves a segmentation job, a
@@ -295,7 +298,7 @@ def build_measurement_report(
         imaging_measurements=groups,
     )
     algorithm = result.algorithm
-    evidence = [*source_datasets, *([seg] if seg is not None else [])]
+    evidence = [*builder_sources(source_datasets), *([seg] if seg is not None else [])]
     private = any(
         s.detected and (s.component_count is not None or s.largest_component_mm3 is not None)
         for s in result.segments

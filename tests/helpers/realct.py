@@ -48,3 +48,29 @@ def repair_real_ct(src_dir: Path, dst_dir: Path) -> list[Path]:
         ds.save_as(target, enforce_file_format=True)
         written.append(target)
     return sorted(written)
+
+
+def enhanced_real_ct(dst_dir: Path) -> Path:
+    """The real CT as one multi-frame image: its repaired slices converted by highdicom's
+    legacy converter into a Legacy Converted Enhanced CT Image (20 frames, the slices' JPEG 2000
+    frames kept as they are, same patient; a Study and a Series Instance UID of its own, so that
+    it is a study apart from the repaired slices wherever both are sent).
+
+    Written to ``dst_dir/enhanced_ct.dcm``; the path is returned. Raises FileNotFoundError when
+    the real CT is missing.
+    """
+    import highdicom as hd
+
+    slices = [pydicom.dcmread(p) for p in repair_real_ct(REAL_CT_DIR, dst_dir / "slices")]
+    entropy = ["pacs-agent test enhanced CT", REAL_CT_DIR.name]
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        legacy_datasets=slices,
+        series_instance_uid=generate_uid(entropy_srcs=[*entropy, "series"]),
+        series_number=2,
+        sop_instance_uid=generate_uid(entropy_srcs=[*entropy, "sop"]),
+        instance_number=1,
+    )
+    enhanced.StudyInstanceUID = generate_uid(entropy_srcs=[*entropy, "study"])
+    target = dst_dir / "enhanced_ct.dcm"
+    enhanced.save_as(target, enforce_file_format=True)
+    return target

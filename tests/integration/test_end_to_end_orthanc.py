@@ -20,7 +20,7 @@ from sqlalchemy import select
 from pacs_agent.db.models import Export, Finding, Job, Study
 from pacs_agent.db.session import make_engine, make_session_factory
 from pacs_agent.demo.synthetic import make_ct_study_with_truth, write_study
-from tests.helpers.realct import REAL_CT_DIR, repair_real_ct
+from tests.helpers.realct import REAL_CT_DIR, enhanced_real_ct, repair_real_ct
 from tests.helpers.servers import Agent, Orthanc, free_port, wait_for
 
 pytestmark = pytest.mark.integration
@@ -195,3 +195,30 @@ def test_real_ct_from_orthanc_comes_back_with_an_sr_and_the_seg_it_found(site: S
         site, study_id, str(first.SeriesInstanceUID), job, expect_seg=findings[0].detected
     )
     assert job.model_version == "0.1.0"
+
+
+def test_enhanced_ct_from_orthanc_comes_back_with_a_seg_on_its_source_frames(site: Site) -> None:
+    """One multi-frame image (the real CT converted to a Legacy Converted Enhanced CT) goes
+    the whole way: volume, model, labels on its frames, a SEG referencing those frames, SR."""
+    path = enhanced_real_ct(site.workdir / "enhanced")
+    multi = dcmread(path)
+    study_id = site.push_study([path])
+    job = site.wait_for_job(str(multi.StudyInstanceUID))
+    findings = _findings(site, job.id)
+    assert [f.label for f in findings] == ["Blob"]
+    seg, _ = _check_objects(
+        site, study_id, str(multi.SeriesInstanceUID), job, expect_seg=findings[0].detected
+    )
+    if seg is not None:
+        frames = {
+            (
+                str(
+                    item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+                ),
+                int(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber),
+            )
+            for item in seg.PerFrameFunctionalGroupsSequence
+        }
+        assert {uid for uid, _ in frames} == {str(multi.SOPInstanceUID)}
+        assert all(1 <= number <= int(multi.NumberOfFrames) for _, number in frames)
+    assert {e.status for e in _exports(site, job.id)} == {"sent"}

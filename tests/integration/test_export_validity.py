@@ -22,13 +22,15 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 from pydicom import Dataset
+from pydicom.data import get_testdata_file
 
 from pacs_agent.catalog import read_card
 from pacs_agent.demo.radiograph import make_radiograph, radiograph_dataset
 from pacs_agent.demo.synthetic import make_ct_study_with_truth
-from pacs_agent.dicom.geometry import measure_segments
+from pacs_agent.dicom.geometry import measure_segments, plane_headers
 from pacs_agent.dicom.io import write_dataset
 from pacs_agent.dicom.seg import build_segmentation
+from pacs_agent.dicom.sources import TYPE2_COPIED
 from pacs_agent.dicom.sr import (
     COMPONENT_COUNT,
     LARGEST_COMPONENT_VOLUME,
@@ -46,8 +48,8 @@ from pacs_agent.domain.results import (
 from pacs_agent.domain.uids import device_uid, job_result_uids
 from tests.helpers.dicom_results import dciodvfy_errors, dsrdump
 from tests.helpers.paths import MODEL_ZOO
-from tests.helpers.realct import REAL_CT_DIR, repair_real_ct
-from workers.runtime.bundle import BundleRunner
+from tests.helpers.realct import REAL_CT_DIR, enhanced_real_ct, repair_real_ct
+from workers.runtime.bundle import BundleRunner, labels_on_frames
 from workers.runtime.series import RunnerCache, run_model
 
 pytestmark = pytest.mark.integration
@@ -301,3 +303,144 @@ def test_demo_classifier_sr_on_a_radiograph_is_valid(
             name=hd.sr.CodedConcept("122157", "DCM", "Probability")
         )
         assert float(probability.value) == pytest.approx(classification.probability)
+
+
+# --- a real CR (Agfa, MONOCHROME1) without type 2 attributes, and MONOCHROME1 inversion -------
+
+#: Type 2 attributes of the Patient, General Study and General Series modules (Laterality and
+#: Patient Position are 2C in General Series).
+TYPE2_OF_SOURCES = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "SeriesNumber",
+    "Laterality",
+    "PatientPosition",
+)
+
+
+def _real_cr() -> Dataset:
+    """A real computed radiograph: Agfa, MONOCHROME1, 12 bits, rescaled (pydicom test file)."""
+    path = get_testdata_file("dicomdirtests/77654033/CR1/6154", download=False)
+    assert isinstance(path, str), "pydicom's CR test file is missing"
+    return pydicom.dcmread(path)
+
+
+@pytest.fixture(scope="module")
+def classifier() -> RunnerCache:
+    return RunnerCache({}, "cpu")
+
+
+@pytest.mark.parametrize("keyword", TYPE2_OF_SOURCES)
+def test_classifier_sr_on_a_real_cr_without_a_type_2_attribute_is_valid(
+    tmp_path: Path, keyword: str, classifier: RunnerCache
+) -> None:
+    card = read_card(DEMO_CLASSIFIER)
+    source = _real_cr()
+    if keyword in source:
+        del source[keyword]
+    output = run_model(classifier, card, [source])
+    assert output.classifications
+    seg_path, sr_path, result, _ = _emit(
+        [source], None, card.algorithm(UID_ROOT), [], tmp_path, output.classifications
+    )
+    assert seg_path is None
+    _assert_sr_valid(sr_path, result)
+    sr = pydicom.dcmread(sr_path)
+    if keyword in TYPE2_COPIED:
+        assert keyword in sr and sr[keyword].is_empty
+    assert keyword not in source  # the source was not patched
+
+
+def test_monochrome1_and_monochrome2_encodings_of_one_radiograph_classify_alike(
+    classifier: RunnerCache,
+) -> None:
+    """MONOCHROME1 stores the image inverted; the classifier must see the same picture."""
+    card = read_card(DEMO_CLASSIFIER)
+    real = _real_cr()
+    assert real.PhotometricInterpretation == "MONOCHROME1"
+    as_monochrome2 = _real_cr()
+    as_monochrome2.PhotometricInterpretation = "MONOCHROME2"
+    stored = real.pixel_array.astype(np.int32)
+    as_monochrome2.PixelData = (2**real.BitsStored - 1 - stored).astype(np.uint16).tobytes()
+    image = make_radiograph(np.random.default_rng(11), True)
+    pairs = [
+        (real, as_monochrome2),
+        tuple(
+            radiograph_dataset(image, patient_id="MONO", monochrome1=inverted)
+            for inverted in (True, False)
+        ),
+    ]
+    for one, two in pairs:
+        p1 = run_model(classifier, card, [one]).classifications
+        p2 = run_model(classifier, card, [two]).classifications
+        assert [c.probability for c in p1] == pytest.approx([c.probability for c in p2], abs=1e-6)
+    synthetic = run_model(classifier, card, [pairs[1][0]]).classifications
+    assert synthetic[0].flag  # the opacity is found in the MONOCHROME1 encoding
+
+
+# --- a multi-frame source: the real CT as one enhanced CT image ------------------------------
+
+
+@pytest.fixture(scope="module")
+def enhanced_ct(tmp_path_factory: pytest.TempPathFactory) -> tuple[Dataset, list[Dataset]]:
+    if not REAL_CT_DIR.is_dir():
+        pytest.fail(f"real CT test data missing at {REAL_CT_DIR}")
+    folder = tmp_path_factory.mktemp("enhanced")
+    multi = pydicom.dcmread(enhanced_real_ct(folder))
+    slices = [pydicom.dcmread(p) for p in repair_real_ct(REAL_CT_DIR, folder / "slices")]
+    return multi, slices
+
+
+def test_demo_bundle_objects_on_an_enhanced_ct_reference_its_frames_and_are_valid(
+    tmp_path: Path, enhanced_ct: tuple[Dataset, list[Dataset]]
+) -> None:
+    multi, _ = enhanced_ct
+    assert multi.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2.2"  # Legacy Converted Enhanced CT
+    card = read_card(DEMO_BUNDLE)
+    output = run_model(RunnerCache({}, "cpu"), card, [multi])
+    assert output.mask is not None and output.mask.shape == (int(multi.NumberOfFrames), 512, 512)
+    assert output.mask.any()
+    seg_path, sr_path, result, kept = _emit(
+        [multi], output.mask, card.algorithm(UID_ROOT), card.segments, tmp_path
+    )
+    assert seg_path is not None and kept is not None
+    np.testing.assert_array_equal(kept, output.mask)  # run_model measured it the same way
+    assert dciodvfy_errors(seg_path)[0] == []
+    seg = hd.seg.segread(seg_path)
+    pixels = seg.get_pixels_by_source_frame(
+        source_sop_instance_uid=str(multi.SOPInstanceUID),
+        source_frame_numbers=list(range(1, int(multi.NumberOfFrames) + 1)),
+        combine_segments=True,
+        assert_missing_frames_are_empty=True,
+    )
+    np.testing.assert_array_equal(pixels > 0, output.mask > 0)
+    content = _assert_sr_valid(sr_path, result)
+    (group,) = content.get_volumetric_roi_measurement_groups()
+    (volume,) = group.get_measurements(name=hd.sr.CodedConcept("118565006", "SCT", "Volume"))
+    assert float(volume.value) == pytest.approx(result.segments[0].volume_mm3)
+
+
+def test_labels_land_on_the_frames_of_an_enhanced_ct_as_on_its_single_frame_slices(
+    enhanced_ct: tuple[Dataset, list[Dataset]],
+) -> None:
+    """The same prediction sampled on the enhanced CT's frames and on the original slices."""
+    multi, slices = enhanced_ct
+    plan = plan_volume(slices)
+    labels = (np.indices(plan.shape).sum(axis=0) % 5).astype(np.int64)  # varies along x, y, z
+    on_frames = labels_on_frames(labels, plan.affine, [multi])
+    on_slices = labels_on_frames(labels, plan.affine, slices)
+    at = {
+        tuple(np.round([float(v) for v in ds.ImagePositionPatient], 3)): i
+        for i, ds in enumerate(slices)
+    }
+    for f, plane in enumerate(plane_headers([multi])):
+        twin = at[tuple(np.round([float(v) for v in plane.ImagePositionPatient], 3))]
+        np.testing.assert_array_equal(on_frames[f], on_slices[twin])
+    assert on_frames.any()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.data import get_testdata_file
 from sqlalchemy import select
 
 from pacs_agent.db.models import Finding, Job, Study
@@ -84,6 +85,31 @@ def test_radiograph_sent_over_dicom_is_classified_and_its_finding_recorded(
     assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
 
 
+def test_real_cr_without_patient_id_study_id_and_study_date_is_classified_and_reported(
+    agent: Agent, tmp_path: Path
+) -> None:
+    """An older (or de-identified) radiograph that leaves type 2 attributes out: the job
+    succeeds and its SR writes them empty, as the standard allows."""
+    original = get_testdata_file("dicomdirtests/77654033/CR1/6154", download=False)
+    assert isinstance(original, str)
+    ds = pydicom.dcmread(original)
+    assert ds.PhotometricInterpretation == "MONOCHROME1"
+    for keyword in ("PatientID", "StudyID", "StudyDate"):
+        del ds[keyword]
+    path = tmp_path / "cr.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    _send(agent, [path])
+    job, findings = wait_for(
+        lambda: _finished(agent, ds.StudyInstanceUID), 180, "the classification job"
+    )
+    assert job.status == "succeeded", job.reason
+    assert [f.label for f in findings] == ["Nodule"]
+    assert job.sr_path is not None
+    sr = pydicom.dcmread(agent.data_dir / "results" / job.sr_path)
+    assert sr.PatientID == "" and sr.StudyID == "" and sr.StudyDate == ""
+    assert sr.StudyInstanceUID == ds.StudyInstanceUID and sr.PatientName == ds.PatientName
+
+
 def test_series_with_a_missing_slice_fails_its_job_with_the_reason(
     agent: Agent, tmp_path: Path
 ) -> None:
@@ -97,4 +123,5 @@ def test_series_with_a_missing_slice_fails_its_job_with_the_reason(
     job, findings = wait_for(lambda: _finished(agent, study_uid), 180, "the CT job")
     assert job.status == "failed"
     assert job.reason is not None and "missing slices: 1 slice(s) absent" in job.reason
+    assert job.reason.startswith("running model demo_ct_blob_seg: ")  # the step, no class name
     assert findings == []

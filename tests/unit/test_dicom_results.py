@@ -9,6 +9,7 @@ round-trips through bytes and highdicom's readers.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -25,6 +26,7 @@ from pydicom.sr.codedict import codes
 
 from pacs_agent.dicom.geometry import (
     measure_segments,
+    plane_headers,
     segment_results,
     slice_spacing_mm,
     sort_slices,
@@ -36,6 +38,7 @@ from pacs_agent.dicom.seg import (
     classification_tracking_uid,
     segment_tracking_uid,
 )
+from pacs_agent.dicom.sources import TYPE2_COPIED
 from pacs_agent.dicom.sr import (
     COMPONENT_COUNT,
     LARGEST_COMPONENT_VOLUME,
@@ -62,6 +65,7 @@ from tests.helpers.dicom_results import (
     pydicom_ct5n,
     torso_j2k,
 )
+from tests.helpers.realct import REAL_CT_DIR, enhanced_real_ct, repair_real_ct
 
 SOURCES: dict[str, Callable[[], list[Dataset]]] = {
     "dcmqi-liver-ct": liver_ct,
@@ -926,3 +930,227 @@ def test_write_dataset_leaves_neither_target_nor_temp_file_when_the_rename_fails
     with pytest.raises(OSError, match="disk gone"):
         write_dataset(ct[0], tmp_path / "ct.dcm")
     assert list(tmp_path.iterdir()) == []
+
+
+# --- sources that leave type 2 attributes out ---------------------------------------------
+
+#: Type 2 attributes of the Patient (PS3.3 C.7.1.1), General Study (C.7.2.1) and General
+#: Series (C.7.3.1) modules; Laterality and Patient Position are type 2C there.
+TYPE2_OF_SOURCES = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "SeriesNumber",
+    "Laterality",
+    "PatientPosition",
+)
+
+
+def _encoded(datasets: Sequence[Dataset]) -> list[bytes]:
+    out = []
+    for ds in datasets:
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        out.append(buffer.getvalue())
+    return out
+
+
+def _without(datasets: list[Dataset], keywords: Sequence[str]) -> list[Dataset]:
+    for ds in datasets:
+        for keyword in keywords:
+            if keyword in ds:
+                del ds[keyword]
+    return datasets
+
+
+@pytest.mark.parametrize("keyword", TYPE2_OF_SOURCES)
+def test_seg_and_sr_of_sources_without_a_type_2_attribute_write_it_empty_and_stay_valid(
+    keyword: str, tmp_path: Path
+) -> None:
+    ct = _without(liver_ct(), [keyword])
+    before = _encoded(ct)
+    mask = box_mask(ct)
+    result = _liver_result(ct, mask)
+    seg = build_segmentation(ct, mask, result)
+    assert seg is not None
+    sr = build_measurement_report(ct, seg, result)
+    for name, obj in (("seg", seg), ("sr", sr)):
+        errors, _ = dciodvfy_errors(write_dataset(obj, tmp_path / f"{name}.dcm"))
+        assert errors == [], name
+        if keyword in TYPE2_COPIED:
+            # Present and empty: "unknown", as the source said by leaving it out.
+            assert keyword in obj and obj[keyword].is_empty, (name, keyword)
+    # The General Series attributes are the results' own.
+    assert seg.SeriesNumber == 9001 and sr.SeriesNumber == 9002
+    # The sources are exactly as they were (nothing patched into them).
+    assert _encoded(ct) == before
+    assert all(keyword not in ds for ds in ct)
+
+
+def test_results_of_a_source_without_patient_id_study_id_and_study_date_are_valid(
+    tmp_path: Path,
+) -> None:
+    """The report that started this: an old (or de-identified) image without PatientID,
+    StudyID and StudyDate; every other copied value still comes from the source."""
+    ct = _without(liver_ct(), ["PatientID", "StudyID", "StudyDate"])
+    mask = box_mask(ct)
+    result = _liver_result(ct, mask)
+    seg = build_segmentation(ct, mask, result)
+    assert seg is not None
+    sr = build_measurement_report(ct, seg, result)
+    for name, obj in (("seg", seg), ("sr", sr)):
+        path = write_dataset(obj, tmp_path / f"{name}.dcm")
+        assert dciodvfy_errors(path)[0] == [], name
+        read = pydicom.dcmread(path)
+        assert read.PatientID == "" and read.StudyID == "" and read.StudyDate == ""
+        assert read.PatientName == ct[0].PatientName
+        assert read.AccessionNumber == ct[0].AccessionNumber
+        assert read.StudyInstanceUID == ct[0].StudyInstanceUID
+
+
+def test_building_results_puts_no_patient_name_in_warnings_or_log_records(
+    caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
+) -> None:
+    ct = liver_ct()  # a one-component name, which highdicom warns about, quoting it
+    name = str(ct[0].PatientName)
+    caplog.set_level(logging.DEBUG)
+    mask = box_mask(ct)
+    result = _liver_result(ct, mask)
+    build_measurement_report(ct, build_segmentation(ct, mask, result), result)
+    texts = [str(w.message) for w in recwarn] + [r.getMessage() for r in caplog.records]
+    assert texts and not [t for t in texts if name in t]
+
+
+def test_a_patient_sex_outside_its_enumerated_values_is_written_empty(tmp_path: Path) -> None:
+    ct = liver_ct()
+    for ds in ct:
+        ds.PatientSex = "MALE"  # not M, F or O: highdicom refuses it
+    mask = box_mask(ct)
+    result = _liver_result(ct, mask)
+    seg = build_segmentation(ct, mask, result)
+    assert seg is not None
+    sr = build_measurement_report(ct, seg, result)
+    for name, obj in (("seg", seg), ("sr", sr)):
+        assert dciodvfy_errors(write_dataset(obj, tmp_path / f"{name}.dcm"))[0] == []
+        assert obj.PatientSex in (None, "")
+    assert ct[0].PatientSex == "MALE"
+
+
+# --- a multi-frame source (enhanced CT, one file) ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def enhanced_ct(tmp_path_factory: pytest.TempPathFactory) -> tuple[Dataset, list[Dataset]]:
+    """The real 20-slice CT as a Legacy Converted Enhanced CT image, and its repaired slices."""
+    if not REAL_CT_DIR.is_dir():
+        pytest.fail(f"real CT test data missing at {REAL_CT_DIR}")
+    folder = tmp_path_factory.mktemp("enhanced")
+    path = enhanced_real_ct(folder)
+    slices = [pydicom.dcmread(p) for p in repair_real_ct(REAL_CT_DIR, folder / "again")]
+    return pydicom.dcmread(path), slices
+
+
+def _frame_boxes(frames: int, rows: int, columns: int) -> np.ndarray:
+    """Label 1 in a different box on frames 4..9, nothing elsewhere."""
+    mask = np.zeros((frames, rows, columns), dtype=np.uint8)
+    for f in range(3, 9):
+        mask[f, 150 + 10 * f : 230 + 10 * f, 200 : 260 + 5 * f] = 1
+    return mask
+
+
+def _by_position(planes: Sequence[Dataset]) -> dict[tuple[float, ...], int]:
+    return {
+        tuple(round(float(v), 3) for v in ds.ImagePositionPatient): i for i, ds in enumerate(planes)
+    }
+
+
+def test_plane_headers_give_each_frame_of_an_enhanced_ct_the_geometry_of_its_slice(
+    enhanced_ct: tuple[Dataset, list[Dataset]],
+) -> None:
+    multi, slices = enhanced_ct
+    planes = plane_headers([multi])
+    assert len(planes) == 20 and all("PixelData" not in p for p in planes)
+    single = _by_position(slices)
+    assert set(_by_position(planes)) == set(single)
+    for plane in planes:
+        twin = slices[single[tuple(round(float(v), 3) for v in plane.ImagePositionPatient)]]
+        assert [float(v) for v in plane.ImageOrientationPatient] == [
+            float(v) for v in twin.ImageOrientationPatient
+        ]
+        assert [float(v) for v in plane.PixelSpacing] == [float(v) for v in twin.PixelSpacing]
+        assert float(plane.RescaleIntercept) == float(twin.RescaleIntercept)
+    assert plane_headers(slices) == slices  # single-frame instances are their own headers
+
+
+def test_segment_results_of_an_enhanced_ct_equal_those_of_its_single_frame_slices(
+    enhanced_ct: tuple[Dataset, list[Dataset]],
+) -> None:
+    multi, slices = enhanced_ct
+    mask = _frame_boxes(20, 512, 512)
+    index = _by_position(slices)
+    on_slices = np.zeros_like(mask)
+    for f, plane in enumerate(plane_headers([multi])):
+        on_slices[index[tuple(round(float(v), 3) for v in plane.ImagePositionPatient)]] = mask[f]
+    (multi_result,) = segment_results(mask, [multi], [LIVER])
+    (slice_result,) = segment_results(on_slices, slices, [LIVER])
+    assert multi_result.voxel_count == slice_result.voxel_count == int(mask.sum())
+    assert multi_result.volume_mm3 == pytest.approx(slice_result.volume_mm3)
+    assert multi_result.mean_hu is not None and slice_result.mean_hu is not None
+    assert multi_result.mean_hu == pytest.approx(slice_result.mean_hu)
+
+
+def test_seg_of_an_enhanced_ct_references_the_source_frames_and_the_sr_is_valid(
+    enhanced_ct: tuple[Dataset, list[Dataset]], tmp_path: Path
+) -> None:
+    multi, _ = enhanced_ct
+    mask = _frame_boxes(20, 512, 512)
+    result = job_result([multi], segment_results(mask, [multi], [LIVER]))
+    seg = build_segmentation([multi], mask, result)
+    assert seg is not None
+    seg_path = write_dataset(seg, tmp_path / "seg.dcm")
+    assert dciodvfy_errors(seg_path)[0] == []
+    read = hd.seg.segread(seg_path)
+    referenced = [
+        (
+            str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID),
+            int(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber),
+        )
+        for item in read.PerFrameFunctionalGroupsSequence
+    ]
+    assert referenced == [(str(multi.SOPInstanceUID), f) for f in range(4, 10)]
+    pixels = read.get_pixels_by_source_frame(
+        source_sop_instance_uid=str(multi.SOPInstanceUID),
+        source_frame_numbers=list(range(1, 21)),
+        combine_segments=True,
+        assert_missing_frames_are_empty=True,
+    )
+    np.testing.assert_array_equal(pixels, mask)
+
+    sr = build_measurement_report([multi], seg, result)
+    sr_path = write_dataset(sr, tmp_path / "sr.dcm")
+    assert dciodvfy_errors(sr_path)[0] == []
+    assert dsrdump(sr_path).returncode == 0
+    (group,) = _content(hd.sr.srread(sr_path)).get_volumetric_roi_measurement_groups()
+    assert group.referenced_segment is not None
+    evidence = {
+        str(instance.ReferencedSOPInstanceUID)
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for instance in series.ReferencedSOPSequence
+    }
+    assert evidence == {str(multi.SOPInstanceUID), result.uids.seg_sop_uid}
+
+
+def test_seg_refuses_a_multi_frame_image_mixed_with_other_instances(
+    enhanced_ct: tuple[Dataset, list[Dataset]],
+) -> None:
+    multi, slices = enhanced_ct
+    mask = np.zeros((21, 512, 512), dtype=np.uint8)
+    with pytest.raises(ValueError, match="one multi-frame image or single-frame instances"):
+        build_segmentation([multi, slices[0]], mask, job_result([multi], ()))

@@ -98,3 +98,22 @@ def test_a_long_or_non_ascii_reason_is_cut_and_encoded_in_utf8(tmp_path: Path) -
     assert "Schichtlücke" in str(comment.TextValue)
     assert len(str(comment.TextValue)) < 1400
     assert dciodvfy_errors(path)[0] == []
+
+
+def test_failure_notice_of_sources_without_patient_id_study_id_and_study_date_is_valid(
+    tmp_path: Path,
+) -> None:
+    """Type 2 attributes the sources leave out are written empty, as in the measurement report."""
+    sources = liver_ct()
+    for ds in sources:
+        for keyword in ("PatientID", "StudyID", "StudyDate"):
+            del ds[keyword]
+    series_uid, sop_uid = _uids(sources)
+    notice = build_failure_notice(
+        sources, algorithm(), REASON, series_instance_uid=series_uid, sop_instance_uid=sop_uid
+    )
+    path = write_dataset(notice, tmp_path / "notice.dcm")
+    assert dciodvfy_errors(path)[0] == []
+    read = dcmread(path)
+    assert read.PatientID == "" and read.StudyID == "" and read.StudyDate == ""
+    assert all("PatientID" not in ds for ds in sources)

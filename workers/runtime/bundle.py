@@ -53,6 +53,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, MapTransform
 from pydicom.dataset import Dataset
 
+from pacs_agent.dicom.geometry import plane_headers
 from pacs_agent.dicom.volume import VolumePlan, read_volume
 
 __all__ = [
@@ -538,9 +539,9 @@ class BundleRunner:
     ) -> npt.NDArray[np.uint8]:
         """Labels on the source frames of ``plan``, in the order of ``datasets``.
 
-        ``datasets`` are full single-frame datasets (pixel data included); ``plan`` comes from
-        :func:`pacs_agent.dicom.volume.plan_volume` on them. Returns uint8
-        ``(len(datasets), Rows, Columns)`` as :meth:`segment` does.
+        ``datasets`` are full datasets (pixel data included): single-frame instances or a
+        multi-frame image; ``plan`` comes from :func:`pacs_agent.dicom.volume.plan_volume` on
+        them. Returns uint8 ``(image planes, Rows, Columns)`` as :func:`labels_on_frames` does.
         """
         labels, affine = self.predict_volume(read_volume(datasets, plan), plan.affine)
         return labels_on_frames(labels, affine, datasets)
@@ -609,10 +610,12 @@ def labels_on_frames(
 ) -> npt.NDArray[np.uint8]:
     """Sample a label volume (nearest neighbour) at every pixel centre of each source frame.
 
+    The frames are the image planes of ``datasets`` (:func:`pacs_agent.dicom.geometry.
+    plane_headers`): each single-frame instance, and each frame of a multi-frame image.
     ``affine_lps`` maps voxel indices of ``labels`` to DICOM patient coordinates (LPS, mm). Pixel
     ``(r, c)`` of a frame lies at ``ImagePositionPatient + c * PixelSpacing[1] * row direction +
     r * PixelSpacing[0] * column direction`` (PS3.3 C.7.6.2.1.1). Pixels outside the volume get 0.
-    Returns uint8 with shape ``(len(datasets), Rows, Columns)``. Raises
+    Returns uint8 with shape ``(image planes, Rows, Columns)``. Raises
     :class:`SeriesGeometryError` for missing geometry or frames of different sizes, and
     ValueError for labels outside 0..255 or a singular affine.
     """
@@ -620,6 +623,11 @@ def labels_on_frames(
         raise ValueError(f"labels must be 3D, got shape {labels.shape}")
     if labels.size and (int(labels.min()) < 0 or int(labels.max()) > 255):
         raise ValueError("label values must be within 0..255")
+    if all("Rows" in ds and "Columns" in ds for ds in datasets):
+        try:
+            datasets = plane_headers(datasets)
+        except ValueError as exc:
+            raise SeriesGeometryError(str(exc)) from exc
     sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets if "Rows" in ds and "Columns" in ds}
     if len(sizes) != 1 or any("Rows" not in ds or "Columns" not in ds for ds in datasets):
         raise SeriesGeometryError(f"source frames must all have one size, got {sorted(sizes)}")

@@ -52,8 +52,10 @@ class ModelOutput:
     """What one model said about one series."""
 
     plan: VolumePlan
-    #: (len(datasets), rows, cols) for a segmentation: the model's labels without what the
-    #: card drops (small components, segments not detected); what the SEG carries.
+    #: (image planes, rows, cols) for a segmentation: one per single-frame instance, in the
+    #: order of the datasets, or one per frame of a multi-frame image; the model's labels
+    #: without what the card drops (small components, segments not detected); what the SEG
+    #: carries.
     mask: npt.NDArray[np.uint8] | None
     segments: tuple[SegmentResult, ...]
     classifications: tuple[ClassificationResult, ...]
@@ -162,10 +164,11 @@ def _run_on(
         raise ModelInputError(
             f"model {card.name} segments volumes; this series is a projection image"
         )
-    if any(f.frame_index is not None for f in plan.frames):
+    multi_frame = {f.dataset_index for f in plan.frames if f.frame_index is not None}
+    if multi_frame and len(datasets) > 1:
         raise ModelInputError(
-            "segmentation of multi-frame objects is not supported yet (the SEG references "
-            "single-frame instances)"
+            f"the series has {len(datasets)} instances, {len(multi_frame)} of them multi-frame: "
+            "a Segmentation references one multi-frame image or single-frame instances"
         )
     measured = measure_segments(runner.segment_series(datasets, plan), datasets, card.segments)
     return ModelOutput(plan, measured.mask, measured.segments, (), str(runner.device))
