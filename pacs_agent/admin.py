@@ -252,6 +252,22 @@ def _plan_study(
     return plan, series_ids, priorities
 
 
+def plan_reprocess(
+    session_factory: sessionmaker[Session],
+    rules: Sequence[Rule],
+    sel: StudySelector,
+    *,
+    model: str | None,
+    force: bool,
+) -> list[PlannedRun]:
+    """What ``reprocess`` would do, read only: nothing is written, not even an audit row."""
+    out: list[PlannedRun] = []
+    with session_factory() as session:
+        for study_id, study_uid in find_studies(session, sel):
+            out.extend(_plan_study(session, study_id, study_uid, rules, model, force)[0])
+    return out
+
+
 def reprocess(
     session_factory: sessionmaker[Session],
     catalog: Catalog,
@@ -431,6 +447,18 @@ def cancel(
             now,
         )
     return result
+
+
+def send_exports(send: Callable[[int], None], job_ids: Iterable[int]) -> list[tuple[int, str]]:
+    """Send the export tasks of retried ``export_failed`` jobs; returns (job id, error) for
+    those the broker refused (the sweeper sends them once it is back)."""
+    unsent = []
+    for job_id in job_ids:
+        try:
+            send(job_id)
+        except Exception as exc:
+            unsent.append((job_id, f"broker unavailable ({exc}); sent later"))
+    return unsent
 
 
 def _filter_args(flt: JobFilter) -> dict[str, Any]:

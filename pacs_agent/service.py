@@ -1,4 +1,4 @@
-"""``pacs-agent serve``: listener + scheduler (+ an embedded worker subprocess).
+"""``pacs-agent serve``: listener + scheduler + API (+ an embedded worker subprocess).
 
 This process never imports torch or MONAI (DESIGN invariant 4): inference runs in the worker
 subprocess (``python -m workers``), which is restarted if it dies.
@@ -14,6 +14,12 @@ import sys
 import threading
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
+from pacs_agent.api.auth import exposure_problem as api_exposure_problem
+from pacs_agent.api.metrics import ListenerMetrics
+from pacs_agent.api.server import ApiRefused, ApiThread
+from pacs_agent.api.server import make_server as make_api_server
 from pacs_agent.catalog import load_catalog
 from pacs_agent.config import Settings
 from pacs_agent.db.migrate import upgrade
@@ -69,6 +75,8 @@ class EmbeddedWorker:
 def serve(settings: Settings, *, config_file: Path | None, with_worker: bool) -> int:
     """Run until SIGTERM or SIGINT. Returns the process exit code."""
     problem = exposure_problem(settings.listener)
+    if problem is None and settings.api.enabled:
+        problem = api_exposure_problem(settings.api)
     if problem is not None:
         log.error("refusing to start: %s", problem)
         return 2
@@ -97,10 +105,22 @@ def serve(settings: Settings, *, config_file: Path | None, with_worker: bool) ->
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
 
+    listener_registry = CollectorRegistry(auto_describe=False)
+    listener_metrics = ListenerMetrics(listener_registry)
+    api: ApiThread | None = None
     try:
-        server = start_listener(settings.listener, receiver_for(settings, session_factory))
-    except (ListenerRefused, OSError) as exc:
+        if settings.api.enabled:
+            api = ApiThread(make_api_server(settings, listener_registry))
+            api.start()
+        server = start_listener(
+            settings.listener,
+            receiver_for(settings, session_factory),
+            listener_metrics.on_association,
+        )
+    except (ListenerRefused, ApiRefused, OSError) as exc:
         log.error("refusing to start: %s", exc)
+        if api is not None:
+            api.stop()
         return 2
     if worker is not None:
         worker.start()
@@ -117,6 +137,8 @@ def serve(settings: Settings, *, config_file: Path | None, with_worker: bool) ->
                 worker.check()
     finally:
         server.shutdown()
+        if api is not None:
+            api.stop()
         thread.join(10)
         if worker is not None:
             worker.stop()

@@ -228,9 +228,19 @@ def _decode(request: StoreRequest, prefix: bytes) -> InstanceHeader | Refusal:
 class ListenerService:
     """What the listener does with each association (pacs_agent.net.upperlayer.Service)."""
 
-    def __init__(self, settings: ListenerSettings, receiver: Receiver) -> None:
+    def __init__(
+        self,
+        settings: ListenerSettings,
+        receiver: Receiver,
+        on_association: Callable[[bool], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.receiver = receiver
+        self.on_association = on_association
+
+    def association_result(self, accepted: bool) -> None:
+        if self.on_association is not None:
+            self.on_association(accepted)
 
     def check(self, calling_ae: str, called_ae: str, address: str) -> Rejection | None:
         if caller_allowed(calling_ae, address, self.settings.allowed_callers):
@@ -483,8 +493,13 @@ def tls_context(settings: ListenerSettings) -> ssl.SSLContext | None:
     return ctx
 
 
-def start_listener(settings: ListenerSettings, receiver: Receiver) -> RunningListener:
+def start_listener(
+    settings: ListenerSettings,
+    receiver: Receiver,
+    on_association: Callable[[bool], None] | None = None,
+) -> RunningListener:
     """Start the SCP in background threads; returns the server (call ``shutdown()``).
+    ``on_association(accepted)`` is told of each answered A-ASSOCIATE-RQ (metrics).
 
     Raises ListenerRefused when the settings would expose it to any caller on the network.
     """
@@ -506,7 +521,7 @@ def start_listener(settings: ListenerSettings, receiver: Receiver) -> RunningLis
         max_dataset_bytes=settings.max_instance_mb * 1024 * 1024,
     )
     tls = tls_context(settings)
-    service = ListenerService(settings, receiver)
+    service = ListenerService(settings, receiver, on_association)
 
     def association(sock: socket.socket, address: str, slots: threading.Semaphore) -> Association:
         return Association(sock, address, service, supported, identity, limits, slots, tls)
