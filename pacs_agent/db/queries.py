@@ -224,16 +224,9 @@ class SeriesFilter:
 
 
 def list_series(session: Session, flt: SeriesFilter, page: PageRequest) -> Page:
-    counts = (
-        select(Instance.series_id, func.count(Instance.id).label("n"))
-        .group_by(Instance.series_id)
-        .subquery()
-    )
-    q = (
-        select(Series, Study.study_instance_uid, counts.c.n)
-        .join(Study, Study.id == Series.study_id)
-        .outerjoin(counts, counts.c.series_id == Series.id)
-    )
+    # Counted per row of the page (by the instances' series index), not for every series.
+    count = select(func.count(Instance.id)).where(Instance.series_id == Series.id).scalar_subquery()
+    q = select(Series, Study.study_instance_uid, count).join(Study, Study.id == Series.study_id)
     if flt.study_instance_uid:
         q = q.where(Study.study_instance_uid == flt.study_instance_uid)
     if flt.modality:
@@ -260,13 +253,24 @@ def list_series(session: Session, flt: SeriesFilter, page: PageRequest) -> Page:
 
 
 def list_jobs(session: Session, flt: JobFilter, page: PageRequest) -> Page:
-    q = (
-        flt.query()
-        .add_columns(Study.study_instance_uid, Series.series_instance_uid)
-        .join(Series, Series.id == Job.series_id)
+    # The page's ids first, from the jobs table alone when no filter is on the study (a
+    # count or a deep offset then walks one index, not a join); then the page's rows.
+    ids = select(Job.id).where(*flt.conditions())
+    if flt.touches_study():
+        ids = ids.join(Study, Study.id == Job.study_id)
+    total = session.scalar(select(func.count()).select_from(ids.subquery())) or 0
+    page_ids = list(
+        session.scalars(ids.order_by(Job.id.desc()).limit(page.limit).offset(page.offset))
     )
-    rows, total = _page(session, q, page, Job.id.desc())
-    return Page([job_summary(j, st, se) for j, st, se in rows], total, page.limit, page.offset)
+    rows = session.execute(
+        select(Job, Study.study_instance_uid, Series.series_instance_uid)
+        .join(Study, Study.id == Job.study_id)
+        .join(Series, Series.id == Job.series_id)
+        .where(Job.id.in_(page_ids))
+        .order_by(Job.id.desc())
+    )
+    items = [job_summary(j, st, se) for j, st, se in rows]
+    return Page(items, int(total), page.limit, page.offset)
 
 
 def _export_json(e: Export) -> dict[str, Any]:
@@ -373,26 +377,34 @@ class FindingFilter:
 
 
 def list_findings(session: Session, flt: FindingFilter, page: PageRequest) -> Page:
-    q = select(Finding, Job.model_name, Study.study_instance_uid).join(
-        Job, Job.id == Finding.job_id
-    )
-    q = q.join(Study, Study.id == Job.study_id)
-    if flt.job_id is not None:
-        q = q.where(Finding.job_id == flt.job_id)
+    ids = select(Finding.id)
     if flt.study_instance_uid:
-        q = q.where(Study.study_instance_uid == flt.study_instance_uid)
+        ids = ids.join(Job, Job.id == Finding.job_id).join(Study, Study.id == Job.study_id)
+        ids = ids.where(Study.study_instance_uid == flt.study_instance_uid)
+    if flt.job_id is not None:
+        ids = ids.where(Finding.job_id == flt.job_id)
     if flt.label:
-        q = q.where(Finding.label == flt.label)
+        ids = ids.where(Finding.label == flt.label)
     if flt.detected is not None:
-        q = q.where(Finding.detected == flt.detected)
+        ids = ids.where(Finding.detected == flt.detected)
     if flt.flag is not None:
-        q = q.where(Finding.flag == flt.flag)
-    rows, total = _page(session, q, page, Finding.id.desc())
+        ids = ids.where(Finding.flag == flt.flag)
+    total = session.scalar(select(func.count()).select_from(ids.subquery())) or 0
+    page_ids = list(
+        session.scalars(ids.order_by(Finding.id.desc()).limit(page.limit).offset(page.offset))
+    )
+    rows = session.execute(
+        select(Finding, Job.model_name, Study.study_instance_uid)
+        .join(Job, Job.id == Finding.job_id)
+        .join(Study, Study.id == Job.study_id)
+        .where(Finding.id.in_(page_ids))
+        .order_by(Finding.id.desc())
+    )
     items = [
         {**_finding_json(f), "model": model, "study_instance_uid": study_uid}
         for f, model, study_uid in rows
     ]
-    return Page(items, total, page.limit, page.offset)
+    return Page(items, int(total), page.limit, page.offset)
 
 
 @dataclass(frozen=True)
