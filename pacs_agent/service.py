@@ -128,7 +128,8 @@ def serve(settings: Settings, *, config_file: Path | None, with_worker: bool) ->
     thread.start()
     print(
         f"pacs-agent listening as {settings.listener.ae_title} on "
-        f"{settings.listener.host}:{settings.listener.port}",
+        f"{settings.listener.host}:{settings.listener.port}"
+        + (f"; API on http://{settings.api.host}:{settings.api.port}" if api else ""),
         flush=True,
     )
     try:
