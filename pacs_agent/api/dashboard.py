@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import urllib.parse
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, HTTPException, Request
+from fastapi import APIRouter, Form, HTTPException, Path, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
@@ -31,8 +31,9 @@ from pacs_agent.db.models import Instance, Job, utcnow
 from pacs_agent.db.session import read_session
 
 router = APIRouter(include_in_schema=False)
-templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
+templates = Jinja2Templates(directory=str(FilePath(__file__).parent / "templates"))
 PAGE = 50
+JobId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
 def ago(iso: str | None, now: datetime | None = None) -> str:
@@ -148,7 +149,7 @@ def _job_or_404(request: Request, job_id: int) -> queries.JobDetail:
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse, response_model=None)
-def job_page(request: Request, job_id: int) -> Response:
+def job_page(request: Request, job_id: JobId) -> Response:
     who = _who(request)
     if who is None:
         return _login_redirect(request)
@@ -165,7 +166,7 @@ def job_page(request: Request, job_id: int) -> Response:
 
 
 @router.get("/jobs/{job_id}/overlay.png")
-def overlay(request: Request, job_id: int) -> Response:
+def overlay(request: Request, job_id: JobId) -> Response:
     if _who(request) is None:
         raise HTTPException(401, "sign in first")
     state = app_state(request)
@@ -206,7 +207,7 @@ def _back(job_id: int, *, message: str | None = None, error: str | None = None) 
 
 
 @router.post("/jobs/{job_id}/retry")
-def retry(request: Request, job_id: int, csrf: Annotated[str, Form(max_length=128)]) -> Response:
+def retry(request: Request, job_id: JobId, csrf: Annotated[str, Form(max_length=128)]) -> Response:
     who = _admin_post(request, csrf)
     state = app_state(request)
     try:
@@ -219,7 +220,7 @@ def retry(request: Request, job_id: int, csrf: Annotated[str, Form(max_length=12
 
 
 @router.post("/jobs/{job_id}/cancel")
-def cancel(request: Request, job_id: int, csrf: Annotated[str, Form(max_length=128)]) -> Response:
+def cancel(request: Request, job_id: JobId, csrf: Annotated[str, Form(max_length=128)]) -> Response:
     who = _admin_post(request, csrf)
     state = app_state(request)
     try:
@@ -233,7 +234,7 @@ def cancel(request: Request, job_id: int, csrf: Annotated[str, Form(max_length=1
 
 @router.post("/jobs/{job_id}/reprocess")
 def reprocess(
-    request: Request, job_id: int, csrf: Annotated[str, Form(max_length=128)]
+    request: Request, job_id: JobId, csrf: Annotated[str, Form(max_length=128)]
 ) -> Response:
     """Run the job's model again on its study (forced: the old results are superseded)."""
     who = _admin_post(request, csrf)

@@ -156,3 +156,51 @@ def _clean_env() -> dict[str, str]:
     import os
 
     return {k: v for k, v in os.environ.items() if not k.startswith("PACS_AGENT_")}
+
+
+def test_api_alone_is_alive_and_not_ready_without_its_broker_or_database(tmp_path: Path) -> None:
+    """``pacs-agent api`` by itself: /health answers; /ready says 503 with the reason when the
+    embedded broker's directory is missing (no serve has run) or the database is down."""
+    import httpx
+
+    from pacs_agent.db.migrate import upgrade
+
+    data = tmp_path / "var"
+    upgrade(f"sqlite:///{data / 'pacs-agent.db'}")
+    port = free_port()
+    env = {**_clean_env(), "PACS_AGENT_DATA_DIR": str(data), "PACS_AGENT_API__PORT": str(port)}
+    down = {**env, "PACS_AGENT_API__PORT": str(free_port())}
+    down["PACS_AGENT_DATABASE__URL"] = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/x"
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "pacs_agent", "api"], env=e, cwd=tmp_path)
+        for e in (env, down)
+    ]
+    try:
+        for e in (env, down):
+            url = f"http://127.0.0.1:{e['PACS_AGENT_API__PORT']}"
+
+            def alive(url: str = url) -> bool:
+                try:
+                    return httpx.get(url + "/health").json() == {"status": "alive"}
+                except httpx.HTTPError:
+                    return False
+
+            wait_for(alive, 60, "pacs-agent api to answer")
+        ready = httpx.get(f"http://127.0.0.1:{port}/ready")
+        assert ready.status_code == 503
+        assert "embedded broker directory" in ready.json()["problems"][0]
+        (data / "broker").mkdir()
+        assert httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200
+        # Open on loopback (no token): the metrics come from the database; no listener here.
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert "pacs_agent_database_up 1.0" in metrics
+        assert "pacs_agent_associations_total" not in metrics
+        bad = httpx.get(f"http://127.0.0.1:{down['PACS_AGENT_API__PORT']}/ready")
+        assert bad.status_code == 503
+        assert any("database unreachable" in p for p in bad.json()["problems"])
+        bad_metrics = httpx.get(f"http://127.0.0.1:{down['PACS_AGENT_API__PORT']}/metrics")
+        assert bad_metrics.status_code == 200 and "pacs_agent_database_up 0.0" in bad_metrics.text
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(20)
