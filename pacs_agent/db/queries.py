@@ -322,7 +322,9 @@ def job_timeline(
         for e in exports
     ]
     status = summary["status"]
-    if summary["finished_at"] and status not in ("succeeded",):
+    if status in ("superseded", "cancelled"):  # these keep the time of the change only
+        events.append((status, summary.get("updated_at")))
+    elif summary["finished_at"] and status != "succeeded":
         events.append((status, summary["finished_at"]))
     out = [{"event": what, "at": at} for what, at in events if at]
     out.sort(key=lambda e: e["at"])
@@ -341,6 +343,7 @@ def get_job(session: Session, job_id: int) -> JobDetail | None:
     job, study_uid, series_uid, accession = row
     summary = job_summary(job, study_uid, series_uid)
     summary["seg_path"] = job.seg_path
+    summary["updated_at"] = _iso(job.updated_at)
     detail = JobDetail(summary, accession)
     detail.findings = [
         _finding_json(f)

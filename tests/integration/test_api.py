@@ -116,12 +116,17 @@ def test_api_lists_a_received_study_and_its_job_and_admins_reprocess_it_with_an_
         else:
             assert cancelled.status_code == 409, cancelled.text
 
-        # Metrics: database figures and the listener's association counter.
+        # Metrics: database figures and the listener's association counters (one rejected:
+        # a C-ECHO to a called AE title the listener does not answer to).
+        from pacs_agent.net.scu import echo
+
+        refused = echo(host="127.0.0.1", port=site.agent.port, called_ae="NOTUS", calling_ae="T")
+        assert refused is None
         metrics = site.get("/metrics").text
         assert "pacs_agent_instances_received_total 12.0" in metrics
         # The helper's C-ECHO when it started the agent, and storescu's association.
         assert 'pacs_agent_associations_total{result="accepted"} 2.0' in metrics
-        assert 'pacs_agent_associations_total{result="rejected"} 0.0' in metrics
+        assert 'pacs_agent_associations_total{result="rejected"} 1.0' in metrics
         assert 'pacs_agent_jobs{state="superseded"} 1.0' in metrics
         assert 'pacs_agent_inference_seconds_count{model="demo_ct_blob_seg"}' in metrics
         assert "pacs_agent_spool_free_bytes" in metrics
