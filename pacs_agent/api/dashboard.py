@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 
-from pacs_agent.admin import CANCELLABLE
+from pacs_agent.admin import CANCELLABLE, IN_FLIGHT
 from pacs_agent.api import actions
 from pacs_agent.api.auth import Principal
 from pacs_agent.api.deps import COOKIE, app_state, bearer
@@ -161,6 +161,7 @@ def job_page(request: Request, job_id: JobId) -> Response:
         job=job.as_json(),
         retryable=job.summary["status"] in {s.value for s in actions.RETRYABLE},
         cancellable=job.summary["status"] in {s.value for s in CANCELLABLE},
+        reprocessable=job.summary["status"] not in {s.value for s in IN_FLIGHT},
         now=utcnow(),
     )
 
