@@ -209,3 +209,19 @@ def test_api_alone_is_alive_and_not_ready_without_its_broker_or_database(tmp_pat
         for p in procs:
             p.terminate()
             p.wait(20)
+
+
+@pytest.mark.parametrize("kind", ["redis", "rabbitmq"])
+def test_readiness_sees_a_real_broker_and_names_one_that_is_down(kind: str, tmp_path: Path) -> None:
+    from pacs_agent.api.app import broker_problem
+    from pacs_agent.config import load_settings
+    from tests.helpers.orchestration import shared_broker_url
+
+    url = shared_broker_url(kind)
+    assert url is not None
+    up = load_settings(data_dir=tmp_path, broker={"url": url})
+    assert broker_problem(up) is None
+    scheme = url.split("://", 1)[0]
+    down = load_settings(data_dir=tmp_path, broker={"url": f"{scheme}://127.0.0.1:{free_port()}"})
+    problem = broker_problem(down)
+    assert problem is not None and problem.startswith("broker unreachable")
