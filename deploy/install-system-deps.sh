@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Debian packages the tests use as real peers: dcmtk (storescu, dsrdump), dicom3tools
-# (dciodvfy) and Orthanc (the PACS in end-to-end tests) with its DICOMweb plugin (STOW-RS tests). Installs what is missing when run
+# (dciodvfy) and Orthanc (the PACS in end-to-end tests) with its DICOMweb plugin (STOW-RS tests),
+# chromium (headless, for the dashboard tests). Installs what is missing when run
 # as root; otherwise says what to install.
 set -euo pipefail
 missing=()
@@ -12,6 +13,7 @@ command -v Orthanc >/dev/null || missing+=(orthanc)
 command -v redis-server >/dev/null || missing+=(redis-server)  # brokers of the orchestration tests
 command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
 command -v systemd-analyze >/dev/null || missing+=(systemd)  # verifies deploy/systemd units
+command -v chromium >/dev/null || missing+=(chromium)  # the dashboard's browser tests (Playwright)
 [ ${#missing[@]} -eq 0 ] && exit 0
 mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
 if [ "$(id -u)" -ne 0 ]; then

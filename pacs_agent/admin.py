@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import ColumnElement, Select, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.catalog import Catalog, CatalogError
@@ -64,23 +64,31 @@ class JobFilter:
             or self.job_ids
         )
 
-    def query(self) -> Select[Job]:
-        q = select(Job).join(Study, Study.id == Job.study_id)
+    def touches_study(self) -> bool:
+        """Whether a condition is on the study (then ``conditions`` need the join)."""
+        return bool(self.study_uid or self.accession_number)
+
+    def conditions(self) -> list[ColumnElement[bool]]:
+        """The filter's conditions on ``Job`` (and on ``Study`` when ``touches_study``)."""
+        c: list[ColumnElement[bool]] = []
         if self.statuses:
-            q = q.where(Job.status.in_([s.value for s in self.statuses]))
+            c.append(Job.status.in_([s.value for s in self.statuses]))
         if self.model:
-            q = q.where(Job.model_name == self.model)
+            c.append(Job.model_name == self.model)
         if self.study_uid:
-            q = q.where(Study.study_instance_uid == self.study_uid)
+            c.append(Study.study_instance_uid == self.study_uid)
         if self.accession_number:
-            q = q.where(Study.accession_number == self.accession_number)
+            c.append(Study.accession_number == self.accession_number)
         if self.created_from:
-            q = q.where(Job.created_at >= self.created_from)
+            c.append(Job.created_at >= self.created_from)
         if self.created_to:
-            q = q.where(Job.created_at < self.created_to)
+            c.append(Job.created_at < self.created_to)
         if self.job_ids:
-            q = q.where(Job.id.in_(self.job_ids))
-        return q
+            c.append(Job.id.in_(self.job_ids))
+        return c
+
+    def query(self) -> Select[Job]:
+        return select(Job).join(Study, Study.id == Job.study_id).where(*self.conditions())
 
 
 def find_jobs(session: Session, flt: JobFilter, limit: int | None = None) -> list[Job]:
@@ -250,6 +258,22 @@ def _plan_study(
             )
         )
     return plan, series_ids, priorities
+
+
+def plan_reprocess(
+    session_factory: sessionmaker[Session],
+    rules: Sequence[Rule],
+    sel: StudySelector,
+    *,
+    model: str | None,
+    force: bool,
+) -> list[PlannedRun]:
+    """What ``reprocess`` would do, read only: nothing is written, not even an audit row."""
+    out: list[PlannedRun] = []
+    with session_factory() as session:
+        for study_id, study_uid in find_studies(session, sel):
+            out.extend(_plan_study(session, study_id, study_uid, rules, model, force)[0])
+    return out
 
 
 def reprocess(
@@ -431,6 +455,18 @@ def cancel(
             now,
         )
     return result
+
+
+def send_exports(send: Callable[[int], None], job_ids: Iterable[int]) -> list[tuple[int, str]]:
+    """Send the export tasks of retried ``export_failed`` jobs; returns (job id, error) for
+    those the broker refused (the sweeper sends them once it is back)."""
+    unsent = []
+    for job_id in job_ids:
+        try:
+            send(job_id)
+        except Exception as exc:
+            unsent.append((job_id, f"broker unavailable ({exc}); sent later"))
+    return unsent
 
 
 def _filter_args(flt: JobFilter) -> dict[str, Any]:

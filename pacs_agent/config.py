@@ -476,6 +476,34 @@ class NotifySettings(Section):
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise ValueError(f"notifier names must be unique: {duplicated}")
+
+
+class ApiSettings(Section):
+    """The HTTP API, metrics and dashboard (``pacs-agent api``, or inside ``serve``)."""
+
+    enabled: bool = True
+    """``serve`` also starts the API (``pacs-agent api`` runs it alone)."""
+    host: str = "127.0.0.1"
+    """Address to bind. Loopback by default; another address needs tokens."""
+    port: int = Field(8080, ge=1, le=65535)
+    """TCP port of the API and dashboard."""
+    read_tokens: list[SecretStr] = Field(default_factory=list)
+    """Bearer tokens that may read (each the token itself, or ``sha256:<hex digest>``)."""
+    admin_tokens: list[SecretStr] = Field(default_factory=list)
+    """Bearer tokens that may also reprocess, retry and cancel (same forms)."""
+    access_log: bool = True
+    """Log one line per request: method, path (never the query string), status, time."""
+
+    @field_validator("read_tokens", "admin_tokens")
+    @classmethod
+    def _tokens(cls, v: list[SecretStr]) -> list[SecretStr]:
+        for token in v:
+            raw = token.get_secret_value()
+            if raw.startswith("sha256:"):
+                if not re.fullmatch(r"sha256:[0-9a-f]{64}", raw):
+                    raise ValueError("a hashed token is 'sha256:' and 64 lowercase hex digits")
+            elif len(raw) < 16:
+                raise ValueError("a token must be at least 16 characters long")
         return v
 
 
@@ -511,6 +539,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
 
     @field_validator("uid_root")
     @classmethod

@@ -1,4 +1,4 @@
-"""``pacs-agent serve``: listener + scheduler (+ an embedded worker subprocess).
+"""``pacs-agent serve``: listener + scheduler + API (+ an embedded worker subprocess).
 
 This process never imports torch or MONAI (DESIGN invariant 4): inference runs in the worker
 subprocess (``python -m workers``), which is restarted if it dies.
@@ -14,6 +14,12 @@ import sys
 import threading
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
+from pacs_agent.api.auth import exposure_problem as api_exposure_problem
+from pacs_agent.api.metrics import ListenerMetrics
+from pacs_agent.api.server import ApiRefused, ApiThread
+from pacs_agent.api.server import make_server as make_api_server
 from pacs_agent.catalog import load_catalog
 from pacs_agent.config import Settings
 from pacs_agent.db.migrate import upgrade
@@ -73,6 +79,8 @@ class EmbeddedWorker:
 def serve(settings: Settings, *, config_file: Path | None, with_worker: bool) -> int:
     """Run until SIGTERM or SIGINT. Returns the process exit code."""
     problem = exposure_problem(settings.listener)
+    if problem is None and settings.api.enabled:
+        problem = api_exposure_problem(settings.api)
     if problem is not None:
         log.error("refusing to start: %s", problem)
         return 2
@@ -101,14 +109,28 @@ def serve(settings: Settings, *, config_file: Path | None, with_worker: bool) ->
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
 
+    listener_registry = CollectorRegistry(auto_describe=False)
+    listener_metrics = ListenerMetrics(listener_registry)
+    api: ApiThread | None = None
     server: RunningListener | ListenerProcesses
     try:
+        if settings.api.enabled:
+            api = ApiThread(make_api_server(settings, listener_registry))
+            api.start()
         if settings.listener.processes == 1:
-            server = start_listener(settings.listener, receiver_for(settings, session_factory))
+            server = start_listener(
+                settings.listener,
+                receiver_for(settings, session_factory),
+                listener_metrics.on_association,
+            )
         else:
+            # The association counters live in each listener process and are not exported
+            # (docs/api.md); every other metric is read from the database.
             server = _start_processes(settings, config_file)
-    except (ListenerRefused, OSError) as exc:
+    except (ListenerRefused, ApiRefused, OSError) as exc:
         log.error("refusing to start: %s", exc)
+        if api is not None:
+            api.stop()
         return 2
     if worker is not None:
         worker.start()
@@ -118,7 +140,8 @@ def serve(settings: Settings, *, config_file: Path | None, with_worker: bool) ->
     print(
         f"pacs-agent listening as {settings.listener.ae_title} on "
         f"{settings.listener.host}:{settings.listener.port}"
-        + (f" ({count} processes)" if count > 1 else ""),
+        + (f" ({count} processes)" if count > 1 else "")
+        + (f"; API on http://{settings.api.host}:{settings.api.port}" if api else ""),
         flush=True,
     )
     code = 0
@@ -136,6 +159,8 @@ def serve(settings: Settings, *, config_file: Path | None, with_worker: bool) ->
             server.stop()
         else:
             server.shutdown()
+        if api is not None:
+            api.stop()
         thread.join(10)
         if worker is not None:
             worker.stop()

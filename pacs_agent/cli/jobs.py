@@ -333,6 +333,7 @@ def retry(
     exported again. Without --status, both states are retried.
     """
     from pacs_agent.admin import retry as do_retry
+    from pacs_agent.admin import send_exports
     from pacs_agent.db.models import utcnow
     from pacs_agent.domain.jobs import JobStatus
     from pacs_agent.queue import CeleryDispatcher, make_celery
@@ -347,12 +348,9 @@ def retry(
     code = EXIT_OK if result.moved else EXIT_NOTHING
     if result.exports_to_send:
         dispatcher = CeleryDispatcher(make_celery(settings))
-        for job_id in result.exports_to_send:
-            try:
-                dispatcher.send_export(job_id)
-            except Exception as exc:  # the sweeper sends it once the broker is back
-                typer.echo(f"job {job_id}: broker unavailable ({exc}); sent later", err=True)
-                code = EXIT_PARTIAL
+        for job_id, why in send_exports(dispatcher.send_export, result.exports_to_send):
+            typer.echo(f"job {job_id}: {why}", err=True)
+            code = EXIT_PARTIAL
     _report(result, "retried", as_json)
     if result.unchanged and code == EXIT_OK and job_ids:
         code = EXIT_PARTIAL

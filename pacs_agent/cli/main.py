@@ -87,6 +87,16 @@ def serve(
 
 
 @app.command()
+def api(ctx: typer.Context) -> None:
+    """Run the HTTP API, metrics and dashboard alone (``serve`` also runs them)."""
+    from pacs_agent.api.server import run
+
+    settings = settings_from(ctx)
+    setup_logging(settings)
+    raise typer.Exit(run(settings))
+
+
+@app.command()
 def worker(
     ctx: typer.Context,
     queues: Annotated[str | None, typer.Option(help="Comma-separated queue names.")] = None,

@@ -228,9 +228,19 @@ def _decode(request: StoreRequest, prefix: bytes) -> InstanceHeader | Refusal:
 class ListenerService:
     """What the listener does with each association (pacs_agent.net.upperlayer.Service)."""
 
-    def __init__(self, settings: ListenerSettings, receiver: Receiver) -> None:
+    def __init__(
+        self,
+        settings: ListenerSettings,
+        receiver: Receiver,
+        on_association: Callable[[bool], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.receiver = receiver
+        self.on_association = on_association
+
+    def association_result(self, accepted: bool) -> None:
+        if self.on_association is not None:
+            self.on_association(accepted)
 
     def check(self, calling_ae: str, called_ae: str, address: str) -> Rejection | None:
         if caller_allowed(calling_ae, address, self.settings.allowed_callers):
@@ -484,9 +494,14 @@ def tls_context(settings: ListenerSettings) -> ssl.SSLContext | None:
 
 
 def start_listener(
-    settings: ListenerSettings, receiver: Receiver, *, sock: socket.socket | None = None
+    settings: ListenerSettings,
+    receiver: Receiver,
+    on_association: Callable[[bool], None] | None = None,
+    *,
+    sock: socket.socket | None = None,
 ) -> RunningListener:
     """Start the SCP in background threads; returns the server (call ``shutdown()``).
+    ``on_association(accepted)`` is told of each answered A-ASSOCIATE-RQ (metrics).
 
     ``sock``: a listening socket shared with other listener processes (``serve`` with
     ``listener.processes`` > 1): accepted from instead of binding ``host:port``, and
@@ -512,7 +527,7 @@ def start_listener(
         max_dataset_bytes=settings.max_instance_mb * 1024 * 1024,
     )
     tls = tls_context(settings)
-    service = ListenerService(settings, receiver)
+    service = ListenerService(settings, receiver, on_association)
 
     def association(sock: socket.socket, address: str, slots: threading.Semaphore) -> Association:
         return Association(sock, address, service, supported, identity, limits, slots, tls)

@@ -262,6 +262,9 @@ class Service(Protocol):
     def store(self, assoc: AssociationInfo, request: StoreRequest) -> tuple[int, str | None]:
         """Handle one C-STORE; returns (status, error comment)."""
 
+    def association_result(self, accepted: bool) -> None:
+        """An A-ASSOCIATE-RQ was answered: accepted (True) or rejected (False); for metrics."""
+
     def released(self, assoc: AssociationInfo) -> None:
         """The association ended with A-RELEASE."""
 
@@ -644,6 +647,7 @@ class Association:
                 rejection.source,
                 rejection.reason,
             )
+            self.service.association_result(False)
             self._send(reject_pdu(rejection.result, rejection.source, rejection.reason))
             self._linger()
             return None
@@ -661,6 +665,7 @@ class Association:
                 self._abstract[cx.context_id] = str(cx.abstract_syntax)
         self._peer_max_pdu = peer_max_pdu(request)
         accepted = sum(1 for cx in results if cx.result == 0x00)
+        self.service.association_result(True)
         log.info(
             "association accepted: %r from %s (%d of %d presentation contexts)",
             calling,

@@ -190,6 +190,9 @@ class Agent:
                 "PACS_AGENT_ASSEMBLER__IDLE_TIMEOUT_S": "1",
                 "PACS_AGENT_ASSEMBLER__POLL_INTERVAL_S": "0.2",
                 "PACS_AGENT_WORKER__DEVICE": "cpu",
+                # serve also runs the HTTP API: never on the default port, which another
+                # test's agent (or anything on the machine) may hold.
+                "PACS_AGENT_API__PORT": str(free_port()),
             }
         )
         env.update(self.env_overrides)
