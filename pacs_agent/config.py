@@ -476,6 +476,7 @@ class NotifySettings(Section):
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise ValueError(f"notifier names must be unique: {duplicated}")
+        return v
 
 
 class ApiSettings(Section):
