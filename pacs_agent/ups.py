@@ -115,10 +115,18 @@ def create_job_workitems(session: Session, uid_root: str, now: datetime) -> int:
         .order_by(Job.id)
         .limit(500)
     ).all()
+    globals_ = sorted(
+        set(
+            session.scalars(
+                select(UpsSubscription.ae_title).where(UpsSubscription.workitem_uid == GLOBAL)
+            )
+        )
+    )
     for job_id, model, study_uid, series_uid in rows:
+        uid = workitem_uid(uid_root, study_uid, series_uid, model, job_id)
         session.add(
             UpsWorkitem(
-                sop_instance_uid=workitem_uid(uid_root, study_uid, series_uid, model, job_id),
+                sop_instance_uid=uid,
                 job_id=job_id,
                 study_instance_uid=study_uid,
                 state=UPS.SCHEDULED.value,
@@ -127,6 +135,8 @@ def create_job_workitems(session: Session, uid_root: str, now: datetime) -> int:
                 updated_at=now,
             )
         )
+        # Global subscribers learn of every new workitem (PS3.4 CC.2.3.2).
+        owe(session, uid, globals_, STATE_REPORT, StepState(UPS.SCHEDULED, 0), now)
     return len(rows)
 
 
@@ -134,7 +144,7 @@ def refresh(session_factory: sessionmaker[Session], uid_root: str, now: datetime
     """Bring workitems up to date with the jobs; record the events owed. Returns their count.
 
     A new job's workitem is reported SCHEDULED to global subscribers; every change of state
-    after that is reported as the standard's path requires (``domain.ups.state_reports``),
+    is reported as the standard's path requires (``domain.ups.state_reports``),
     and a change of progress alone as a Progress Report.
     """
     owed = 0
@@ -146,13 +156,10 @@ def refresh(session_factory: sessionmaker[Session], uid_root: str, now: datetime
         ).all()
         for item in open_items:
             before = stored_state(item)
-            fresh = item.updated_at == item.created_at and item.requested_by is None
             now_state = next_report(before, derive_state(session, item))
-            if now_state == before and not fresh:
+            if now_state == before:
                 continue
             subs = subscribers_of(session, item.sop_instance_uid)
-            if fresh:
-                owed += owe(session, item.sop_instance_uid, subs, STATE_REPORT, before, now)
             for report in state_reports(before, now_state):
                 owed += owe(session, item.sop_instance_uid, subs, STATE_REPORT, report, now)
             if now_state.state == before.state == UPS.IN_PROGRESS:
@@ -367,6 +374,14 @@ def create_requested(
                 created_at=now,
                 updated_at=now,
             )
+        )
+        owe(
+            session,
+            uid,
+            subscribers_of(session, uid),
+            STATE_REPORT,
+            StepState(UPS.SCHEDULED, 0),
+            now,
         )
         study_status = session.scalar(
             select(Study.status).where(Study.study_instance_uid == study_uid)

@@ -109,18 +109,3 @@ def state_reports(previous: StepState | None, current: StepState) -> list[StepSt
         reports.append(StepState(UPS.IN_PROGRESS, 0))
     reports.append(current)
     return reports
-
-
-def change_state_allowed(current: ProcedureStepState, requested: str) -> str | None:
-    """Why a client's N-ACTION Change UPS State to ``requested`` is refused, or None.
-
-    The agent is the performer of its own workitems: a client may not take them IN
-    PROGRESS, complete them or cancel them that way (PS3.4 CC.2.4: it asks with a Request
-    UPS Cancel instead). Answered 0xC300-class refusals name the state.
-    """
-    if current in FINAL:
-        return f"the workitem is already {current.value}"
-    return (
-        f"the workitem is performed by pacs-agent; state {requested!r} cannot be set by a "
-        "client (send N-ACTION Request UPS Cancel to cancel it)"
-    )

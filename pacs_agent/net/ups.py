@@ -13,9 +13,10 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from pydicom import Dataset
+from pydicom.dataelem import DataElement
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -126,7 +127,7 @@ class UpsHandlers:
         out = Dataset()
         for tag in tags:
             if tag in full:
-                out.add(full[tag])
+                out.add(cast(DataElement, full[tag]))
         return 0x0000, out
 
     def n_set(self, event: evt.Event) -> tuple[Dataset | int, Dataset | None]:
