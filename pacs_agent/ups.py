@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from pydicom import Dataset
-from sqlalchemy import delete, select
+from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent import admin
 from pacs_agent.catalog import load_catalog
 from pacs_agent.config import Settings
 from pacs_agent.db.models import Job, Series, Study, UpsEvent, UpsSubscription, UpsWorkitem
-from pacs_agent.domain.jobs import JobStatus
+from pacs_agent.domain.jobs import TERMINAL, JobStatus
 from pacs_agent.domain.uids import derive_uid, job_result_uids, workitem_uid
 from pacs_agent.domain.ups import (
     FINAL,
@@ -62,7 +62,12 @@ def derive_state(session: Session, item: UpsWorkitem) -> StepState:
         .join(Study, Study.id == Job.study_id)
         .where(
             Study.study_instance_uid == item.study_instance_uid,
-            Job.created_at >= item.created_at,
+            # the jobs alive at the request or after it: not those finished before it
+            or_(
+                Job.created_at >= item.created_at,
+                Job.updated_at >= item.created_at,
+                Job.status.not_in([s.value for s in TERMINAL]),
+            ),
         )
     ).all()
     state = study_step_state((JobStatus(s), r) for s, r in rows)
@@ -415,7 +420,7 @@ def request_cancel(
             return 0xC311
         if item.state == UPS.CANCELED.value:
             return 0xB304
-        job_id, study_uid, created = item.job_id, item.study_instance_uid, item.created_at
+        job_id, study_uid = item.job_id, item.study_instance_uid
     actor = f"ups:{calling_ae}"
     if job_id is not None:
         flt = admin.JobFilter(job_ids=(job_id,))
@@ -424,7 +429,7 @@ def request_cancel(
             item = find_workitem(session, uid)
             assert item is not None
             item.cancel_requested_by = calling_ae[:16]
-        flt = admin.JobFilter(study_uid=study_uid, created_from=created)
+        flt = admin.JobFilter(study_uid=study_uid, statuses=admin.CANCELLABLE)
     result = admin.cancel(session_factory, flt, actor=actor, now=now)
     if job_id is not None and not result.moved:
         return 0xC313  # the job is past the point of cancelling (its results are being sent)

@@ -249,6 +249,7 @@ def test_cancel_requests_cancel_the_job_audited_and_a_subscriber_that_was_down_l
             study_uid = site.send(3)
             wait_for(lambda: workitems(site.database_url), 30, "the job's workitem")
             (item,) = workitems(site.database_url)
+            assert item.state == "SCHEDULED"
             assert find(port, StudyInstanceUID=study_uid)[0].ProcedureStepState == "SCHEDULED"
             # A client may not take the agent's workitem in hand or change it.
             info = Dataset()
@@ -261,6 +262,11 @@ def test_cancel_requests_cancel_the_job_audited_and_a_subscriber_that_was_down_l
             assert status.Status == 0xC301
             assert request_cancel(port, "2.25.404") == 0xC307
 
+            # A request for the study already received follows the job already under way.
+            requested = "2.25.777"
+            assert n_create(port, request_for(study_uid), requested) == 0x0000
+            assert n_get(port, requested).ProcedureStepState == "SCHEDULED"
+
             assert request_cancel(port, item.sop_instance_uid) == 0x0000
             (job,) = jobs_of(site.database_url)
             assert job.status == "cancelled"
@@ -272,7 +278,9 @@ def test_cancel_requests_cancel_the_job_audited_and_a_subscriber_that_was_down_l
                 assert s.get(Job, job.id) is not None
             engine.dispose()
             wait_for(
-                lambda: workitems(site.database_url)[0].state == "CANCELED", 30, "CANCELED workitem"
+                lambda: [w.state for w in workitems(site.database_url)] == ["CANCELED"] * 2,
+                30,
+                "both workitems CANCELED",
             )
             assert request_cancel(port, item.sop_instance_uid) == 0xB304
 
@@ -282,6 +290,8 @@ def test_cancel_requests_cancel_the_job_audited_and_a_subscriber_that_was_down_l
                 lambda: watcher.states(item.sop_instance_uid)[-1:] == ["CANCELED"], 30, "reports"
             )
             assert watcher.states(item.sop_instance_uid) == ["SCHEDULED", "CANCELED"]
+            wait_for(lambda: watcher.states(requested)[-1:] == ["CANCELED"], 30, "reports")
+            assert watcher.states(requested) == ["SCHEDULED", "CANCELED"]
             # Unknown AEs cannot subscribe: the agent would not know where to send.
             info = Dataset()
             info.ReceivingAE = "STRANGER"
