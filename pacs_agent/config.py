@@ -387,7 +387,7 @@ class UpsSettings(Section):
     port: int = Field(11113, ge=1, le=65535)
     """Its own port: the listener's upper layer carries only C-ECHO and C-STORE."""
     subscribers: list[UpsSubscriber] = Field(default_factory=list)
-    """The AEs that may subscribe; a subscription from any other AE is refused (0xC308)."""
+    """The worklist clients: only they may associate, and their reports go to host:port."""
     poll_interval_s: float = Field(1.0, gt=0)
     """How often job states are compared with the workitems and pending events sent."""
     retry_initial_s: float = Field(2.0, ge=0)
@@ -407,6 +407,15 @@ class UpsSettings(Section):
         if duplicated:
             raise ValueError(f"ups.subscribers AE titles must be unique: {duplicated}")
         return v
+
+    @model_validator(mode="after")
+    def _clients_known(self) -> UpsSettings:
+        if self.enabled and not self.subscribers:
+            raise ValueError(
+                "ups.enabled needs ups.subscribers: only the worklist clients listed there "
+                "may associate with the UPS SCP (AE title, host and port of each)"
+            )
+        return self
 
 
 class LoggingSettings(Section):

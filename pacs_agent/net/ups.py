@@ -218,6 +218,11 @@ def build_ups_ae(settings: Settings) -> AE:
     t = settings.ups.timeout_s
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = t
     ae.maximum_associations = 8
+    # Only the configured worklist clients may associate (A-ASSOCIATE-RJ, calling AE title
+    # not recognised), and only with our AE title: a UPS client can cancel jobs.
+    # (``ups.enabled`` requires at least one: config.UpsSettings.)
+    ae.require_calling_aet = [s.ae_title for s in settings.ups.subscribers]
+    ae.require_called_aet = True
     return ae
 
 

@@ -33,7 +33,7 @@ from pacs_agent.db.models import AuditEntry, Job, UpsWorkitem
 from pacs_agent.db.session import make_engine, make_session_factory
 from tests.helpers.orchestration import jobs_of, send_study, small_study, wait_all_exported
 from tests.helpers.servers import free_port, wait_for
-from tests.integration.test_orchestration import Site, make_site
+from tests.integration.test_orchestration import Site, database_for, make_site
 
 pytestmark = pytest.mark.integration
 
@@ -161,7 +161,7 @@ def request_cancel(port: int, uid: str) -> int:
 
 @contextmanager
 def ups_site(
-    tmp_path: Path, watcher_port: int, *, with_worker: bool = True
+    tmp_path: Path, watcher_port: int, *, with_worker: bool = True, database_url: str | None = None
 ) -> Iterator[tuple[Site, int]]:
     ups_port = free_port()
     env = {
@@ -174,7 +174,9 @@ def ups_site(
             [{"ae_title": CLIENT, "host": "127.0.0.1", "port": watcher_port}]
         ),
     }
-    with make_site(tmp_path, None, with_worker=with_worker, env=env) as site:
+    with make_site(
+        tmp_path, None, with_worker=with_worker, env=env, database_url=database_url
+    ) as site:
         yield site, ups_port
 
 
@@ -239,12 +241,15 @@ def test_a_subscriber_sees_each_job_go_scheduled_in_progress_completed_and_can_f
         watcher.stop()
 
 
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"])
 def test_cancel_requests_cancel_the_job_audited_and_a_subscriber_that_was_down_loses_nothing(
-    tmp_path: Path,
+    db: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     watcher = Watcher(free_port())  # not started yet: the subscriber is down
     try:
-        with ups_site(tmp_path, watcher.port, with_worker=False) as (site, port):
+        with ups_site(
+            tmp_path, watcher.port, with_worker=False, database_url=database_for(db, request)
+        ) as (site, port):
             assert subscribe(port) == 0x0000
             study_uid = site.send(3)
             wait_for(lambda: workitems(site.database_url), 30, "the job's workitem")
@@ -300,5 +305,38 @@ def test_cancel_requests_cancel_the_job_audited_and_a_subscriber_that_was_down_l
                     info, 3, UnifiedProcedureStepWatch, UPSGlobalSubscriptionInstance
                 )
             assert status.Status == 0xC308
+
+            # A request for a study never sent, cancelled: CANCELED at once, audited.
+            never = "2.25.888"
+            assert n_create(port, request_for("2.25.999"), never) == 0x0000
+            assert request_cancel(port, never) == 0x0000
+            wait_for(lambda: watcher.states(never)[-1:] == ["CANCELED"], 30, "CANCELED report")
+            assert watcher.states(never) == ["SCHEDULED", "CANCELED"]
+            assert n_get(port, never).ProcedureStepState == "CANCELED"
     finally:
         watcher.stop()
+
+
+def test_only_configured_clients_may_associate_and_a_request_must_name_its_study(
+    tmp_path: Path,
+) -> None:
+    with ups_site(tmp_path, free_port(), with_worker=False) as (_site, port):
+        stranger = AE(ae_title="STRANGER")
+        stranger.add_requested_context(UnifiedProcedureStepPush)
+        assoc = stranger.associate("127.0.0.1", port, ae_title="PACSAGENT")
+        assert assoc.is_rejected
+        wrong_called = AE(ae_title=CLIENT)
+        wrong_called.add_requested_context(UnifiedProcedureStepPush)
+        assoc = wrong_called.associate("127.0.0.1", port, ae_title="SOMEONE")
+        assert assoc.is_rejected
+
+        nameless = Dataset()
+        nameless.ProcedureStepState = "SCHEDULED"
+        assert n_create(port, nameless, "2.25.1") == 0x0120
+        with ups_client(port) as assoc:
+            status, _ = assoc.send_n_get([], UnifiedProcedureStepPush, "2.25.404")
+            assert status.Status == 0xC307
+            change = Dataset()
+            change.ProcedureStepLabel = "mine now"
+            status, _ = assoc.send_n_set(change, UnifiedProcedureStepPull, "2.25.404")
+            assert status.Status == 0xC307

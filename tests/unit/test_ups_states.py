@@ -80,3 +80,23 @@ def test_a_jobs_workitem_uid_is_stable_and_differs_between_jobs() -> None:
     assert a == workitem_uid("1.2.3", "1.2.3.4", "1.2.3.4.5", "spleen", 1)
     assert a != workitem_uid("1.2.3", "1.2.3.4", "1.2.3.4.5", "spleen", 2)
     assert a.startswith("1.2.3.") and len(a) <= 64
+
+
+def test_the_ups_scp_cannot_be_enabled_without_its_clients_known() -> None:
+    from pydantic import ValidationError
+
+    from pacs_agent.config import UpsSettings
+
+    with pytest.raises(ValidationError, match=r"ups\.enabled needs ups\.subscribers"):
+        UpsSettings(enabled=True)
+    with pytest.raises(ValidationError, match="must be unique"):
+        UpsSettings(
+            subscribers=[
+                {"ae_title": "RIS", "host": "127.0.0.1", "port": 104},
+                {"ae_title": "RIS", "host": "127.0.0.2", "port": 104},
+            ]
+        )
+    ok = UpsSettings(
+        enabled=True, subscribers=[{"ae_title": "RIS", "host": "10.0.0.1", "port": 104}]
+    )
+    assert ok.port == 11113
