@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from pydicom import Dataset
 from pydicom.dataelem import DataElement
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     UnifiedProcedureStepEvent,
@@ -211,6 +211,10 @@ class UpsHandlers:
 
 
 def build_ups_ae(settings: Settings) -> AE:
+    # Workitems carry whatever a client put in them (patient data too): pynetdicom's debug
+    # log of identifiers stays off (DESIGN invariant 6).
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
     ae = AE(ae_title=settings.ups.ae_title)
     for sop in (*UPS_SOP_CLASSES, Verification):
         ae.add_supported_context(sop, ALL_TRANSFER_SYNTAXES)
