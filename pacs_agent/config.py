@@ -508,6 +508,56 @@ class ApiSettings(Section):
         return v
 
 
+class UpsSubscriber(Section):
+    """A worklist client's AE that may subscribe to UPS events: where to send them."""
+
+    ae_title: AETitle
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+
+class UpsSettings(Section):
+    """The DICOM UPS SCP (IHE AIW-I): AI jobs as Unified Procedure Steps (decision 0011-ups)."""
+
+    enabled: bool = False
+    """Start the UPS SCP (Push, Pull, Watch, Event, Query) inside ``pacs-agent serve``."""
+    ae_title: AETitle = "PACSAGENT"
+    """The UPS SCP's AE title; also the calling AE title of its N-EVENT-REPORTs."""
+    host: str = "127.0.0.1"
+    port: int = Field(11113, ge=1, le=65535)
+    """Its own port: the listener's upper layer carries only C-ECHO and C-STORE."""
+    subscribers: list[UpsSubscriber] = Field(default_factory=list)
+    """The worklist clients: only they may associate, and their reports go to host:port."""
+    poll_interval_s: float = Field(1.0, gt=0)
+    """How often job states are compared with the workitems and pending events sent."""
+    retry_initial_s: float = Field(2.0, ge=0)
+    """First wait before an event report that failed is sent again; doubles each time."""
+    retry_max_s: float = Field(300.0, ge=0)
+    """Longest wait between tries; an undelivered event is kept until it is delivered."""
+    timeout_s: float = Field(10.0, gt=0)
+    """Association, DIMSE and network timeout of an N-EVENT-REPORT association."""
+    max_find_results: int = Field(1000, ge=1)
+    """C-FIND returns at most this many workitems (newest first)."""
+
+    @field_validator("subscribers")
+    @classmethod
+    def _unique_titles(cls, v: list[UpsSubscriber]) -> list[UpsSubscriber]:
+        titles = [s.ae_title for s in v]
+        duplicated = sorted({t for t in titles if titles.count(t) > 1})
+        if duplicated:
+            raise ValueError(f"ups.subscribers AE titles must be unique: {duplicated}")
+        return v
+
+    @model_validator(mode="after")
+    def _clients_known(self) -> UpsSettings:
+        if self.enabled and not self.subscribers:
+            raise ValueError(
+                "ups.enabled needs ups.subscribers: only the worklist clients listed there "
+                "may associate with the UPS SCP (AE title, host and port of each)"
+            )
+        return self
+
+
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -539,6 +589,7 @@ class Settings(BaseSettings):
     export: ExportSettings = Field(default_factory=ExportSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
+    ups: UpsSettings = Field(default_factory=UpsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
 

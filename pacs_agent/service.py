@@ -33,6 +33,7 @@ from pacs_agent.net.scp import (
     start_listener,
     tls_context,
 )
+from pacs_agent.net.ups import UpsService
 from pacs_agent.queue import CeleryDispatcher, make_celery
 from pacs_agent.scheduler import Scheduler
 from pacs_agent.storage.spool import Spool
@@ -132,6 +133,15 @@ def serve(settings: Settings, *, config_file: Path | None, with_worker: bool) ->
         if api is not None:
             api.stop()
         return 2
+    ups_service: UpsService | None = None
+    if settings.ups.enabled:
+        ups_service = UpsService(settings, session_factory)
+        try:
+            ups_service.start(stop)
+        except OSError as exc:
+            log.error("refusing to start: UPS SCP on port %d: %s", settings.ups.port, exc)
+            server.shutdown() if isinstance(server, RunningListener) else server.stop()
+            return 2
     if worker is not None:
         worker.start()
     thread = threading.Thread(target=scheduler.run, args=(stop,), name="scheduler", daemon=True)
@@ -162,6 +172,8 @@ def serve(settings: Settings, *, config_file: Path | None, with_worker: bool) ->
         if api is not None:
             api.stop()
         thread.join(10)
+        if ups_service is not None:
+            ups_service.shutdown()
         if worker is not None:
             worker.stop()
     return code

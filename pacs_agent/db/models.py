@@ -288,3 +288,63 @@ class AuditEntry(Base):
     outcome: Mapped[str] = mapped_column(Text)
     #: Ids of the jobs the action touched, as a JSON list.
     job_ids: Mapped[str] = mapped_column(Text)
+
+
+class UpsWorkitem(Base):
+    """A Unified Procedure Step (IHE AIW-I): one per AI job, or one a client asked for.
+
+    Its state is derived from the job rows (``pacs_agent.domain.ups``); the columns keep what
+    was last reported to subscribers, so a change is noticed and reported exactly once.
+    """
+
+    __tablename__ = "ups_workitems"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(UID, unique=True)
+    #: The job it is (None for a workitem a client created for a study).
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    study_instance_uid: Mapped[str] = mapped_column(UID, index=True)
+    #: The AE that created it with N-CREATE (None for a job's own workitem).
+    requested_by: Mapped[str | None] = mapped_column(String(16))
+    #: The N-CREATE's attributes as DICOM JSON (returned by N-GET and C-FIND).
+    attributes: Mapped[str | None] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), default="SCHEDULED", index=True)
+    progress: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str | None] = mapped_column(Text)
+    cancel_requested_by: Mapped[str | None] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class UpsSubscription(Base):
+    """An AE subscribed to one workitem's events, or to all (``workitem_uid`` empty)."""
+
+    __tablename__ = "ups_subscriptions"
+    __table_args__ = (UniqueConstraint("ae_title", "workitem_uid"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ae_title: Mapped[str] = mapped_column(String(16))
+    workitem_uid: Mapped[str] = mapped_column(String(64), default="")
+    deletion_lock: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class UpsEvent(Base):
+    """An N-EVENT-REPORT owed to a subscriber (the outbox): kept until delivered."""
+
+    __tablename__ = "ups_events"
+    __table_args__ = (Index("ix_ups_events_pending", "delivered_at", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    workitem_uid: Mapped[str] = mapped_column(UID, index=True)
+    ae_title: Mapped[str] = mapped_column(String(16))
+    #: Event Type ID: 1 UPS State Report, 2 Cancel Requested, 3 Progress Report.
+    event_type: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    progress: Mapped[int] = mapped_column(Integer, default=0)
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    last_error: Mapped[str | None] = mapped_column(Text)

@@ -72,3 +72,12 @@ def failure_notice_uids(
     """
     base = ("failure-notice", study_uid, series_uid, model_name, model_version)
     return derive_uid(root, *base, "series"), derive_uid(root, *base, "instance")
+
+
+def workitem_uid(root: str, study_uid: str, series_uid: str, model_name: str, job_id: int) -> str:
+    """SOP Instance UID of the Unified Procedure Step of one job (IHE AIW-I).
+
+    One per job: a reprocess creates a new job, so a new workitem; the same job always has
+    the same workitem UID (a lost workitem row is recreated with it).
+    """
+    return derive_uid(root, "ups", study_uid, series_uid, model_name, str(job_id))

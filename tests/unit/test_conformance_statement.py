@@ -11,13 +11,14 @@ import pynetdicom
 from pydicom import dcmread
 from pydicom.uid import UID
 
-from pacs_agent.config import ListenerSettings
+from pacs_agent.config import ListenerSettings, Settings
 from pacs_agent.dicom.geometry import segment_results
 from pacs_agent.dicom.io import write_dataset
 from pacs_agent.dicom.seg import build_segmentation
 from pacs_agent.dicom.sr import build_measurement_report
 from pacs_agent.export import EXPORTED_SOP_CLASSES
 from pacs_agent.net.scp import build_ae
+from pacs_agent.net.ups import build_ups_ae
 from tests.helpers.dicom_results import SPECS, box_mask, job_result, liver_ct
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "conformance.md"
@@ -81,3 +82,13 @@ def test_implementation_identity_is_pynetdicoms() -> None:
     text = DOC.read_text()
     assert f"`{pynetdicom.PYNETDICOM_IMPLEMENTATION_UID}`" in text
     assert f"`{pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION}`" in text
+
+
+def test_ups_tables_list_exactly_the_ups_aes_contexts() -> None:
+    ae = build_ups_ae(Settings())
+    rows = _table("### 8.1 UPS SOP classes accepted (SCP)")
+    assert set(rows) == {str(c.abstract_syntax) for c in ae.supported_contexts}
+    _assert_names(rows)
+    sent = _table("### 8.2 UPS SOP classes sent (SCU)")
+    assert set(sent) == {str(c.abstract_syntax) for c in ae.requested_contexts}
+    _assert_names(sent)
