@@ -360,6 +360,28 @@ class ExportSettings(Section):
         return v
 
 
+class RetentionSettings(Section):
+    days: int | None = Field(None, ge=1)
+    """``pacs-agent purge`` without ``--older-than-days`` or ``--study`` removes the studies
+    with no activity for this many days (spool files, results, rows). None: off."""
+
+
+class QueryRetrieveSettings(Section):
+    """The PACS that ``pacs-agent retrieve`` queries (C-FIND) and asks to send (C-MOVE)."""
+
+    ae_title: AETitle | None = None
+    """Called AE title of the PACS's query/retrieve SCP. None: retrieve is not configured."""
+    host: str = "127.0.0.1"
+    port: int = Field(104, ge=1, le=65535)
+    calling_ae_title: AETitle | None = None
+    """Our AE title towards the PACS. Default: ``export.calling_ae_title``."""
+    move_destination: AETitle | None = None
+    """The AE title the PACS sends the study to (the PACS must know it with our listener's
+    host and port). Default: ``listener.ae_title``."""
+    timeout_s: float = Field(30.0, gt=0)
+    """Association and per-response timeout; a C-MOVE waits this long between responses."""
+
+
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -389,6 +411,8 @@ class Settings(BaseSettings):
     models: ModelsSettings = Field(default_factory=ModelsSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    query_retrieve: QueryRetrieveSettings = Field(default_factory=QueryRetrieveSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @field_validator("uid_root")

@@ -14,6 +14,7 @@ from pacs_agent.cli import findings as findings_cli
 from pacs_agent.cli import jobs as jobs_cli
 from pacs_agent.cli import models as models_cli
 from pacs_agent.cli import rules as rules_cli
+from pacs_agent.cli import studies as studies_cli
 from pacs_agent.cli.common import config_file_from, settings_from, setup_logging
 from pacs_agent.config import CONFIG_ENV, effective_settings
 
@@ -147,6 +148,7 @@ models_cli.register(app)
 jobs_cli.register(app)
 rules_cli.register(app)
 findings_cli.register(app)
+studies_cli.register(app)
 
 
 if __name__ == "__main__":

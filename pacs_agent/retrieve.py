@@ -1,0 +1,119 @@
+"""Retrieve a study from the PACS into the agent: C-FIND it, then C-MOVE it to our listener.
+
+The PACS sends the study to ``pacs-agent serve``'s listener over C-STORE, so it is spooled,
+indexed, assembled and routed exactly as if the PACS had pushed it. Audited.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from pacs_agent.admin import audit
+from pacs_agent.config import Settings
+from pacs_agent.net.qr import FoundStudy, MoveOutcome, Peer, find_studies, move_study
+
+
+class RetrieveError(Exception):
+    """Retrieve could not start or find anything; ``kind`` is settings, unreachable,
+    query_failed or not_found."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class RetrievedStudy:
+    study_instance_uid: str
+    accession_number: str | None
+    outcome: MoveOutcome
+    explanation: str = ""
+
+
+@dataclass
+class RetrieveReport:
+    destination: str
+    studies: list[RetrievedStudy] = field(default_factory=list)
+
+    @property
+    def all_ok(self) -> bool:
+        return all(s.outcome.ok for s in self.studies)
+
+    @property
+    def any_sent(self) -> bool:
+        return any(s.outcome.completed or s.outcome.warning for s in self.studies)
+
+
+def peer_from(settings: Settings) -> Peer:
+    qr = settings.query_retrieve
+    if qr.ae_title is None:
+        raise RetrieveError(
+            "settings", "no PACS to query: set query_retrieve.ae_title, host and port"
+        )
+    return Peer(
+        host=qr.host,
+        port=qr.port,
+        called_ae=qr.ae_title,
+        calling_ae=qr.calling_ae_title or settings.export.calling_ae_title,
+        timeout_s=qr.timeout_s,
+    )
+
+
+def retrieve(
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    *,
+    study_uid: str | None = None,
+    accession_number: str | None = None,
+    actor: str,
+    now: datetime,
+) -> RetrieveReport:
+    """Find the study (by UID or accession number; an accession may name several studies)
+    and C-MOVE each one to our listener. Raises RetrieveError before any move."""
+    if (study_uid is None) == (accession_number is None):
+        raise RetrieveError("settings", "give a Study Instance UID or an accession number")
+    peer = peer_from(settings)
+    destination = settings.query_retrieve.move_destination or settings.listener.ae_title
+    from pacs_agent.net.scu import AssociationFailed
+
+    try:
+        found: list[FoundStudy] = find_studies(
+            peer, study_uid=study_uid, accession_number=accession_number
+        )
+    except AssociationFailed as exc:
+        raise RetrieveError("unreachable", f"the PACS cannot be queried: {exc}") from exc
+    except RuntimeError as exc:
+        raise RetrieveError("query_failed", str(exc)) from exc
+    if study_uid and not any(f.study_instance_uid == study_uid for f in found):
+        found = []
+    args = {"study_uid": study_uid, "accession_number": accession_number, "pacs": peer.called_ae}
+    if not found:
+        with session_factory.begin() as session:
+            audit(session, actor, "retrieve", args, "not found on the PACS", [], now)
+        what = f"study {study_uid}" if study_uid else f"accession number {accession_number}"
+        raise RetrieveError("not_found", f"the PACS {peer.called_ae} has no {what}")
+    report = RetrieveReport(destination)
+    for f in found:
+        try:
+            outcome = move_study(peer, f.study_instance_uid, destination)
+        except AssociationFailed as exc:
+            outcome = MoveOutcome(status=None, error_comment=str(exc))
+        item = RetrievedStudy(f.study_instance_uid, f.accession_number, outcome)
+        item.explanation = outcome.explain()
+        if outcome.status is None and outcome.error_comment:
+            item.explanation = outcome.error_comment
+        report.studies.append(item)
+    with session_factory.begin() as session:
+        audit(
+            session,
+            actor,
+            "retrieve",
+            {**args, "destination": destination},
+            "; ".join(f"{s.study_instance_uid}: {s.explanation}" for s in report.studies),
+            [],
+            now,
+        )
+    return report
