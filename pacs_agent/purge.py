@@ -18,8 +18,6 @@ Studies left ``purging`` by a killed run are always taken up again by the next r
 
 from __future__ import annotations
 
-import contextlib
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -139,8 +137,11 @@ def _prune_dirs(start: Path, stop: Path) -> None:
         d = d.parent
 
 
-def _files(session: Session, study_id: int) -> tuple[list[tuple[int, str, int]], list[str]]:
-    """(instance id, spool path, size) of the study's instances; paths of kept copies."""
+def _files(
+    session: Session, study_id: int
+) -> tuple[list[tuple[int, str, int]], list[tuple[str, int]]]:
+    """(instance id, spool path, size) of the study's instances; (path, size) of kept
+    copies."""
     instances = [
         (int(i), str(p), int(n))
         for i, p, n in session.execute(
@@ -150,9 +151,9 @@ def _files(session: Session, study_id: int) -> tuple[list[tuple[int, str, int]],
         )
     ]
     copies = [
-        str(p)
-        for p in session.scalars(
-            select(InstanceCopy.path)
+        (str(p), int(n))
+        for p, n in session.execute(
+            select(InstanceCopy.path, InstanceCopy.size_bytes)
             .join(Instance, Instance.id == InstanceCopy.instance_id)
             .join(Series, Series.id == Instance.series_id)
             .where(Series.study_id == study_id)
@@ -218,7 +219,7 @@ def purge(
         result = StudyPurge(uid, "kept", decision.why)
         if decision.purge:
             result = (
-                _dry(session_factory, study_id, uid, decision.why)
+                _dry(session_factory, study_id, uid, decision.why, results_dir)
                 if dry_run
                 else _purge_one(
                     session_factory, study_id, uid, decision.why, spool_dir, results_dir, actor, now
@@ -248,12 +249,34 @@ def purge(
     return out
 
 
-def _dry(session_factory: sessionmaker[Session], study_id: int, uid: str, why: str) -> StudyPurge:
+def _result_files(results_dir: Path, uid: str) -> list[Path]:
+    """The files under ``results/<study>/`` (none when the UID would lead elsewhere)."""
+    base = _inside(results_dir, uid)
+    if base is None or base == results_dir.resolve() or not base.is_dir():
+        return []
+    return [f for f in base.rglob("*") if f.is_file()]
+
+
+def _dry(
+    session_factory: sessionmaker[Session],
+    study_id: int,
+    uid: str,
+    why: str,
+    results_dir: Path,
+) -> StudyPurge:
     with session_factory() as session:
         instances, copies = _files(session, study_id)
         jobs = list(session.scalars(select(Job.id).where(Job.study_id == study_id)))
+    results = _result_files(results_dir, uid)
     return StudyPurge(
-        uid, "would-purge", why, len(instances) + len(copies), sum(n for _, _, n in instances), jobs
+        uid,
+        "would-purge",
+        why,
+        len(instances) + len(copies) + len(results),
+        sum(n for _, _, n in instances)
+        + sum(n for _, n in copies)
+        + sum(f.stat().st_size for f in results),
+        jobs,
     )
 
 
@@ -286,22 +309,25 @@ def _purge_one(
         result.bytes += size
         removed.append((instance_id, path))
         dirs.add(path.parent)
-    for rel in copies:
+    for rel, _ in copies:
         path = _inside(spool_dir, rel)
         if path is not None:
-            result.bytes += _remove(path)
-            result.files += 1
+            size = _remove(path)
+            result.files += 1 if size else 0
+            result.bytes += size
             dirs.add(path.parent)
-    study_results = _inside(results_dir, uid)
-    if study_results is not None and study_results != results_dir.resolve():
-        for f in study_results.rglob("*") if study_results.is_dir() else ():
-            if f.is_file():
-                result.files += 1
-                result.bytes += f.stat().st_size
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(study_results)
+    for f in _result_files(results_dir, uid):
+        size = _remove(f)
+        result.files += 1 if size else 0
+        result.bytes += size
+        dirs.add(f.parent)
     for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
-        _prune_dirs(d, spool_dir.resolve())
+        _prune_dirs(
+            d,
+            results_dir.resolve()
+            if d.is_relative_to(results_dir.resolve())
+            else spool_dir.resolve(),
+        )
     with session_factory.begin() as session:
         # A late copy of an instance may have been written back meanwhile: its row stays.
         gone = [i for i, path in removed if not path.exists()]
