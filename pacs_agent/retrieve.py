@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent.admin import audit
 from pacs_agent.config import Settings
+from pacs_agent.db.models import Instance, Series, Study
 from pacs_agent.net.qr import FoundStudy, MoveOutcome, Peer, find_studies, move_study
 
 
@@ -30,7 +32,42 @@ class RetrievedStudy:
     study_instance_uid: str
     accession_number: str | None
     outcome: MoveOutcome
+    #: NumberOfStudyRelatedInstances from the C-FIND (None: the PACS did not say).
+    expected_instances: int | None = None
+    #: Instances of the study new in our index since the C-MOVE began.
+    received_instances: int = 0
+    #: Instances of the study in our index once the C-MOVE ended.
+    held_instances: int = 0
+    #: ok, partial or failed.
+    state: str = "failed"
     explanation: str = ""
+
+
+def judge(
+    outcome: MoveOutcome, expected: int | None, arrived: int, held: int, destination: str
+) -> tuple[str, str]:
+    """(ok | partial | failed, one line for an administrator) of one study's retrieve.
+
+    ``arrived``: instances new in our index since the C-MOVE began; ``held``: the study's
+    instances in our index after it. What arrived is counted in our own index, not only in
+    the PACS's sub-operation counts: some PACSs (Orthanc 1.10) stop at the first refused
+    sub-operation with 0xC000 and no counts.
+    """
+    text = outcome.explain()
+    have = f"{arrived} arrived, {held} of {expected if expected is not None else '?'} held here"
+    complete = expected is None or held >= expected
+    if outcome.ok and complete:
+        return "ok", f"{text}; {have}"
+    if arrived > 0 or outcome.ok:
+        return "partial", f"{text}; only {have}" if not complete else f"{text}; {have}"
+    hint = ""
+    if outcome.status is not None and (outcome.status >> 12 == 0xC or outcome.status == 0xA801):
+        hint = (
+            f"; nothing arrived: most often the PACS does not know the move destination "
+            f"{destination} (add it, with our listener's host and port, to the PACS's DICOM "
+            "nodes; Orthanc answers 0xC000 for that, the standard says 0xA801)"
+        )
+    return "failed", f"{text}; {have}{hint}"
 
 
 @dataclass
@@ -40,11 +77,32 @@ class RetrieveReport:
 
     @property
     def all_ok(self) -> bool:
-        return all(s.outcome.ok for s in self.studies)
+        return all(s.state == "ok" for s in self.studies)
 
     @property
     def any_sent(self) -> bool:
-        return any(s.outcome.completed or s.outcome.warning for s in self.studies)
+        return any(s.received_instances for s in self.studies)
+
+
+def _instances_here(
+    session_factory: sessionmaker[Session], study_uid: str, after_id: int = 0
+) -> tuple[int, int]:
+    """(count, highest id) of the study's instances in our index with an id above
+    ``after_id``. Each is committed before its C-STORE is answered, so every one the PACS
+    sent is counted once the C-MOVE has ended."""
+    with session_factory() as session:
+        n, top = session.execute(
+            select(func.count(Instance.id), func.max(Instance.id))
+            .join(Series, Series.id == Instance.series_id)
+            .join(Study, Study.id == Series.study_id)
+            .where(Study.study_instance_uid == study_uid, Instance.id > after_id)
+        ).one()
+    return int(n or 0), int(top or 0)
+
+
+def _top_instance_id(session_factory: sessionmaker[Session]) -> int:
+    with session_factory() as session:
+        return int(session.scalar(select(func.max(Instance.id))) or 0)
 
 
 def peer_from(settings: Settings) -> Peer:
@@ -97,12 +155,22 @@ def retrieve(
         raise RetrieveError("not_found", f"the PACS {peer.called_ae} has no {what}")
     report = RetrieveReport(destination)
     for f in found:
+        before = _top_instance_id(session_factory)
         try:
             outcome = move_study(peer, f.study_instance_uid, destination)
         except AssociationFailed as exc:
             outcome = MoveOutcome(status=None, error_comment=str(exc))
-        item = RetrievedStudy(f.study_instance_uid, f.accession_number, outcome)
-        item.explanation = outcome.explain()
+        item = RetrievedStudy(
+            f.study_instance_uid,
+            f.accession_number,
+            outcome,
+            expected_instances=f.instances,
+            received_instances=_instances_here(session_factory, f.study_instance_uid, before)[0],
+            held_instances=_instances_here(session_factory, f.study_instance_uid)[0],
+        )
+        item.state, item.explanation = judge(
+            outcome, f.instances, item.received_instances, item.held_instances, destination
+        )
         if outcome.status is None and outcome.error_comment:
             item.explanation = outcome.error_comment
         report.studies.append(item)

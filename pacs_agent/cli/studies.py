@@ -276,6 +276,10 @@ def retrieve(
                 {
                     "study_instance_uid": s.study_instance_uid,
                     "accession_number": s.accession_number,
+                    "state": s.state,
+                    "expected_instances": s.expected_instances,
+                    "received_instances": s.received_instances,
+                    "held_instances": s.held_instances,
                     "explanation": s.explanation,
                     **asdict(s.outcome),
                 }

@@ -43,6 +43,7 @@ class MoveOutcome:
     """The final C-MOVE response: status and sub-operation counts."""
 
     status: int | None  # None: no final response (association dropped or timed out)
+    destination: str = ""
     completed: int = 0
     failed: int = 0
     warning: int = 0
@@ -154,7 +155,7 @@ def move_study(peer: Peer, study_uid: str, destination_ae: str) -> MoveOutcome:
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = study_uid
     assoc = _associate(peer, StudyRootQueryRetrieveInformationModelMove)
-    outcome = MoveOutcome(status=None)
+    outcome = MoveOutcome(status=None, destination=destination_ae)
     try:
         for status, identifier in assoc.send_c_move(  # type: ignore[attr-defined]
             query, destination_ae, StudyRootQueryRetrieveInformationModelMove

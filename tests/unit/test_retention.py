@@ -14,6 +14,7 @@ from pacs_agent.domain.retention import (
     purge_decision,
 )
 from pacs_agent.net.qr import MoveOutcome
+from pacs_agent.retrieve import judge
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 THIRTY_DAYS = PurgePolicy(older_than=timedelta(days=30))
@@ -91,4 +92,23 @@ def test_move_outcomes_are_explained_with_their_counts() -> None:
     assert not partial.ok and "partly failed" in partial.explain()
     assert "1 failed" in partial.explain()
     assert "no final C-MOVE response" in MoveOutcome(None).explain()
-    assert "unable to process" in MoveOutcome(0xC001).explain()
+    assert "unable to process" in MoveOutcome(0xC001, completed=3, failed=2).explain()
+
+
+def test_a_retrieve_is_judged_by_what_arrived_not_only_by_the_pacs_counts() -> None:
+    assert judge(MoveOutcome(0, completed=9), 9, 9, 9, "AGENT")[0] == "ok"
+    # Held already (identical copies are not new): still ok.
+    assert judge(MoveOutcome(0, completed=9), 9, 0, 9, "AGENT")[0] == "ok"
+    # Orthanc stops at a refused sub-operation with 0xC000 and no counts: 8 of 9 here.
+    state, text = judge(MoveOutcome(0xC000), 9, 8, 8, "AGENT")
+    assert state == "partial" and "status 0xC000" in text
+    assert "only 8 arrived, 8 of 9 held here" in text
+    state, text = judge(MoveOutcome(0xB000, completed=8, failed=1), 9, 8, 8, "AGENT")
+    assert state == "partial" and "1 failed" in text
+    # Nothing arrived and a failure: the likely cause is named.
+    state, text = judge(MoveOutcome(0xC000), 9, 0, 7, "NOBODY")
+    assert state == "failed" and "does not know the move destination NOBODY" in text
+    state, text = judge(MoveOutcome(0xA801), None, 0, 0, "NOBODY")
+    assert state == "failed" and "move destination unknown" in text
+    # Success claimed, but fewer here than the PACS counted: partial.
+    assert judge(MoveOutcome(0, completed=9), 9, 7, 7, "AGENT")[0] == "partial"
