@@ -214,6 +214,9 @@ def purge(
     with session_factory() as session:
         studies = [(i, u, activity(session, i)) for i, u in candidates(session, policy, now)]
     out: list[StudyPurge] = []
+    for uid in sorted(policy.study_uids - {u for _, u, _ in studies}):
+        out.append(StudyPurge(uid, "kept", "no such study"))
+        progress(out[-1])
     for study_id, uid, facts in studies:
         decision = purge_decision(facts, policy, now)
         result = StudyPurge(uid, "kept", decision.why)

@@ -212,6 +212,8 @@ def test_purge_removes_old_studies_files_then_rows_and_keeps_busy_recent_and_rec
     assert site.cli("purge", "--older-than-days", "30").returncode == 3
     out = site.cli("purge", "--study", busy)
     assert out.returncode == 3 and f"kept {busy}: a job is in flight (running)" in out.stdout
+    out = site.cli("purge", "--study", "1.2.3.4")
+    assert out.returncode == 3 and "kept 1.2.3.4: no such study" in out.stdout
     # A named study goes whatever its age.
     out = site.cli("purge", "--study", recent, "--json")
     assert out.returncode == 0 and json.loads(out.stdout)[0]["action"] == "purged"
@@ -219,7 +221,7 @@ def test_purge_removes_old_studies_files_then_rows_and_keeps_busy_recent_and_rec
 
     with site.sf() as s:
         entries = list(s.scalars(select(AuditEntry).where(AuditEntry.action == "purge")))
-    assert len(entries) == 5
+    assert len(entries) == 6
     assert json.loads(entries[0].arguments)["dry_run"] is True
     assert entries[1].outcome == "2 studies purged, 20 files, 1360 bytes, 2 kept"
 
@@ -252,3 +254,63 @@ def test_purge_without_a_selection_needs_the_retention_setting(site: Site) -> No
     out = site.cli("--config", str(config), "purge", "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)[0]["action"] == "purged"
+
+
+def test_a_late_instance_during_a_purge_keeps_the_study_and_only_older_rows_go(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pacs_agent import purge as purge_module
+    from pacs_agent.db.index import StoredFile, index_instance
+    from pacs_agent.dicom.header import InstanceHeader
+    from pacs_agent.domain.retention import PurgePolicy
+
+    uid = site.study(40, "exported")
+    late_rel = f"{uid}/{uid}.0/{uid}.0.late.dcm"
+    prune = purge_module._prune_dirs
+    arrived: list[bool] = []
+
+    def late_instance_arrives(start: Path, stop: Path) -> None:
+        # Between the purge's file removal and its row deletion, the listener stores and
+        # indexes a late instance of the study (the real index path re-opens it).
+        prune(start, stop)
+        if arrived:
+            return
+        arrived.append(True)
+        (site.spool / late_rel).parent.mkdir(parents=True, exist_ok=True)
+        (site.spool / late_rel).write_bytes(b"z" * 70)
+        header = InstanceHeader(
+            study_instance_uid=uid,
+            series_instance_uid=f"{uid}.0",
+            sop_instance_uid=f"{uid}.0.late",
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            modality="CT",
+            patient_id=None,
+            accession_number=None,
+            study_date=None,
+            study_description=None,
+            series_description=None,
+            body_part_examined=None,
+            series_number=None,
+            instance_number=None,
+        )
+        stored = StoredFile(late_rel, 70, "2" * 64, "1.2.840.10008.1.2.1", "CT1")
+        index_instance(site.sf, header, stored, datetime.now(UTC), reopen=True)
+
+    monkeypatch.setattr(purge_module, "_prune_dirs", late_instance_arrives)
+    (result,) = purge_module.purge(
+        site.sf,
+        site.spool,
+        site.results,
+        PurgePolicy(older_than=timedelta(days=30)),
+        dry_run=False,
+        actor="test",
+        now=datetime.now(UTC),
+    )
+    assert result.action == "reopened" and "late instance" in result.why
+    with site.sf() as s:
+        study = s.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
+        assert study.status == "receiving"
+        paths = list(s.scalars(select(Instance.path)))
+    # Only the late instance is left, and its file is there; the old jobs went.
+    assert paths == [late_rel] and (site.spool / late_rel).is_file()
+    assert site.count(Job) == 0 and site.count(Export) == 0 and site.count(InstanceCopy) == 0
