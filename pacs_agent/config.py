@@ -380,6 +380,9 @@ class QueryRetrieveSettings(Section):
     host and port). Default: ``listener.ae_title``."""
     timeout_s: float = Field(30.0, gt=0)
     """Association and per-response timeout; a C-MOVE waits this long between responses."""
+    method: Literal["move", "get"] = "move"
+    """``move``: C-MOVE to our listener (the PACS must know it). ``get``: C-GET over our own
+    association (for a PACS that cannot connect to us), then C-STORE to our listener."""
 
 
 class LoggingSettings(Section):

@@ -1,13 +1,17 @@
-"""Retrieve a study from the PACS into the agent: C-FIND it, then C-MOVE it to our listener.
+"""Retrieve a study from the PACS into the agent: C-FIND it, then C-MOVE it to our listener
+(or C-GET it and C-STORE it to our listener ourselves).
 
-The PACS sends the study to ``pacs-agent serve``'s listener over C-STORE, so it is spooled,
+Either way the study reaches ``pacs-agent serve``'s listener over C-STORE, so it is spooled,
 indexed, assembled and routed exactly as if the PACS had pushed it. Audited.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -15,7 +19,15 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacs_agent.admin import audit
 from pacs_agent.config import Settings
 from pacs_agent.db.models import Instance, Series, Study
-from pacs_agent.net.qr import FoundStudy, MoveOutcome, Peer, find_studies, move_study
+from pacs_agent.net.qr import (
+    FoundStudy,
+    MoveOutcome,
+    Peer,
+    find_studies,
+    get_study,
+    move_study,
+)
+from pacs_agent.net.scu import AssociationFailed, store_files
 
 
 class RetrieveError(Exception):
@@ -105,6 +117,41 @@ def _top_instance_id(session_factory: sessionmaker[Session]) -> int:
         return int(session.scalar(select(func.max(Instance.id))) or 0)
 
 
+def _get_and_forward(settings: Settings, peer: Peer, study_uid: str) -> MoveOutcome:
+    """C-GET the study into a temporary folder under ``data_dir``, then C-STORE it to our
+    listener. Instances the listener refuses count as failed sub-operations. When the
+    listener cannot be reached the files are kept and the error says where."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="retrieve-", dir=settings.data_dir))
+    outcome, files = get_study(peer, study_uid, folder)
+    if not files:
+        shutil.rmtree(folder, ignore_errors=True)
+        return outcome
+    host = settings.listener.host
+    try:
+        stored = store_files(
+            host="127.0.0.1" if host in ("0.0.0.0", "::", "") else host,
+            port=settings.listener.port,
+            called_ae=settings.listener.ae_title,
+            calling_ae=peer.calling_ae,
+            paths=files,
+            timeout_s=settings.query_retrieve.timeout_s,
+        )
+    except AssociationFailed as exc:
+        outcome.error_comment = (
+            f"got {len(files)} instances from the PACS but our listener did not take them "
+            f"({exc}; is pacs-agent serve running?); they are kept in {folder}"
+        )
+        outcome.status = None
+        return outcome
+    refused = [o for o in stored if not o.ok]
+    outcome.completed = max(0, outcome.completed - len(refused))
+    outcome.failed += len(refused)
+    outcome.failed_sop_instance_uids += [o.sop_instance_uid for o in refused]
+    shutil.rmtree(folder, ignore_errors=True)
+    return outcome
+
+
 def peer_from(settings: Settings) -> Peer:
     qr = settings.query_retrieve
     if qr.ae_title is None:
@@ -135,8 +182,8 @@ def retrieve(
         raise RetrieveError("settings", "give a Study Instance UID or an accession number")
     peer = peer_from(settings)
     destination = settings.query_retrieve.move_destination or settings.listener.ae_title
-    from pacs_agent.net.scu import AssociationFailed
-
+    if settings.query_retrieve.method == "get":
+        destination = f"{settings.listener.ae_title} (C-GET, then C-STORE)"
     try:
         found: list[FoundStudy] = find_studies(
             peer, study_uid=study_uid, accession_number=accession_number
@@ -157,7 +204,10 @@ def retrieve(
     for f in found:
         before = _top_instance_id(session_factory)
         try:
-            outcome = move_study(peer, f.study_instance_uid, destination)
+            if settings.query_retrieve.method == "get":
+                outcome = _get_and_forward(settings, peer, f.study_instance_uid)
+            else:
+                outcome = move_study(peer, f.study_instance_uid, destination)
         except AssociationFailed as exc:
             outcome = MoveOutcome(status=None, error_comment=str(exc))
         item = RetrievedStudy(

@@ -114,13 +114,31 @@ def test_a_retrieved_study_is_processed_as_if_pushed_and_failures_are_named(
         assert out.returncode == 1
         assert f"{uid2}: C-MOVE success" in out.stdout
 
+        # C-GET: the study comes back on our own association and is handed to the listener.
+        uid3, files3 = small_study(tmp_path / "pacs", seed=44, slices=8)
+        upload(site, files3)
+        out = retrieve(site, uid3, "--json", method="get")
+        assert out.returncode == 0, out.stdout + out.stderr
+        (got,) = json.loads(out.stdout)["studies"]
+        assert got["state"] == "ok" and got["received_instances"] == 8
+        assert got["explanation"].startswith("C-GET success: 8 sent, 0 failed")
+        wait_for(
+            lambda: any(
+                study_uid_of(site.database_url)[j.study_id] == uid3
+                for j in jobs_of(site.database_url)
+            ),
+            120,
+            "a job for the study fetched with C-GET",
+        )
+        assert not list(site.agent.data_dir.glob("retrieve-*"))  # nothing left behind
+
         engine = make_engine(site.database_url)
         try:
             with make_session_factory(engine)() as session:
                 actions = list(
                     session.scalars(select(AuditEntry).where(AuditEntry.action == "retrieve"))
                 )
-                assert len(actions) == 5
+                assert len(actions) == 6
                 assert "not found" in actions[1].outcome
                 assert session.scalar(select(Study.id).where(Study.study_instance_uid == uid2))
         finally:
