@@ -175,3 +175,50 @@ def test_an_unreachable_pacs_is_named_with_exit_code_4(tmp_path: Path) -> None:
         timeout=60,
     )
     assert out.returncode == 2 and "query_retrieve.ae_title" in out.stderr
+
+
+def test_a_c_get_whose_listener_is_down_keeps_the_instances_and_says_where(
+    tmp_path: Path,
+) -> None:
+    from tests.helpers.servers import Orthanc
+
+    listener_port = free_port()
+    orthanc = Orthanc(
+        workdir=tmp_path / "orthanc",
+        dicom_port=free_port(),
+        http_port=free_port(),
+        modalities={"agent": ["PACSAGENT", "127.0.0.1", listener_port]},
+    )
+    orthanc.start()
+    try:
+        uid, files = small_study(tmp_path / "pacs", seed=45, slices=8)
+        for f in files:
+            orthanc.upload(f)
+        data_dir = tmp_path / "var"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_AGENT_")}
+        env.update(
+            PACS_AGENT_DATA_DIR=str(data_dir),
+            PACS_AGENT_LISTENER__PORT=str(listener_port),  # nothing listens there
+            PACS_AGENT_QUERY_RETRIEVE__AE_TITLE=orthanc.aet,
+            PACS_AGENT_QUERY_RETRIEVE__PORT=str(orthanc.dicom_port),
+            PACS_AGENT_QUERY_RETRIEVE__METHOD="get",
+            PACS_AGENT_QUERY_RETRIEVE__TIMEOUT_S="10",
+        )
+        subprocess.run([sys.executable, "-m", "pacs_agent", "db", "upgrade"], env=env, check=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "pacs_agent", "retrieve", uid],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        orthanc.stop()
+    assert out.returncode == 4, out.stdout + out.stderr
+    assert "got 8 instances from the PACS but our listener did not take them" in out.stdout
+    (kept,) = data_dir.glob("retrieve-*")
+    assert f"they are kept in {kept}" in out.stdout
+    assert sorted(str(pydicom.dcmread(p).SOPInstanceUID) for p in kept.iterdir()) == sorted(
+        str(pydicom.dcmread(p).SOPInstanceUID) for p in files
+    )
