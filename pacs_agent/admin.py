@@ -23,11 +23,10 @@ from pacs_agent.catalog import Catalog, CatalogError
 from pacs_agent.db.jobs import series_facts, transition
 from pacs_agent.db.models import AuditEntry, Job, Series, Study
 from pacs_agent.domain.jobs import JobStatus
+from pacs_agent.domain.retention import IN_FLIGHT  # jobs still on their way: left alone
 from pacs_agent.domain.routing import Rule, select_models
 from pacs_agent.export import start_export_round
 
-#: Jobs in these states are still on their way; reprocessing leaves them alone.
-IN_FLIGHT = frozenset({JobStatus.PENDING, JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.EXPORTING})
 #: Jobs in these states hold a result; reprocessing without --force leaves them alone.
 DONE = frozenset({JobStatus.SUCCEEDED, JobStatus.EXPORTED})
 

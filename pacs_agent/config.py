@@ -558,6 +558,31 @@ class UpsSettings(Section):
         return self
 
 
+class RetentionSettings(Section):
+    days: int | None = Field(None, ge=1)
+    """``pacs-agent purge`` without ``--older-than-days`` or ``--study`` removes the studies
+    with no activity for this many days (spool files, results, rows). None: off."""
+
+
+class QueryRetrieveSettings(Section):
+    """The PACS that ``pacs-agent retrieve`` queries (C-FIND) and asks to send (C-MOVE)."""
+
+    ae_title: AETitle | None = None
+    """Called AE title of the PACS's query/retrieve SCP. None: retrieve is not configured."""
+    host: str = "127.0.0.1"
+    port: int = Field(104, ge=1, le=65535)
+    calling_ae_title: AETitle | None = None
+    """Our AE title towards the PACS. Default: ``export.calling_ae_title``."""
+    move_destination: AETitle | None = None
+    """The AE title the PACS sends the study to (the PACS must know it with our listener's
+    host and port). Default: ``listener.ae_title``."""
+    timeout_s: float = Field(30.0, gt=0)
+    """Association and per-response timeout; a C-MOVE waits this long between responses."""
+    method: Literal["move", "get"] = "move"
+    """``move``: C-MOVE to our listener (the PACS must know it). ``get``: C-GET over our own
+    association (for a PACS that cannot connect to us), then C-STORE to our listener."""
+
+
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -590,6 +615,8 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     notify: NotifySettings = Field(default_factory=NotifySettings)
     ups: UpsSettings = Field(default_factory=UpsSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    query_retrieve: QueryRetrieveSettings = Field(default_factory=QueryRetrieveSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
 

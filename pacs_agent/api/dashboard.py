@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 
-from pacs_agent.admin import CANCELLABLE, IN_FLIGHT
+from pacs_agent.admin import CANCELLABLE
 from pacs_agent.api import actions
 from pacs_agent.api.auth import Principal
 from pacs_agent.api.deps import COOKIE, app_state, bearer
@@ -29,6 +29,7 @@ from pacs_agent.api.overlay import OverlayError, render_overlay
 from pacs_agent.db import queries
 from pacs_agent.db.models import Instance, Job, utcnow
 from pacs_agent.db.session import read_session
+from pacs_agent.domain.retention import IN_FLIGHT
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(FilePath(__file__).parent / "templates"))

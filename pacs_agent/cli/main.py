@@ -15,6 +15,7 @@ from pacs_agent.cli import jobs as jobs_cli
 from pacs_agent.cli import models as models_cli
 from pacs_agent.cli import notify as notify_cli
 from pacs_agent.cli import rules as rules_cli
+from pacs_agent.cli import studies as studies_cli
 from pacs_agent.cli.common import config_file_from, settings_from, setup_logging
 from pacs_agent.config import CONFIG_ENV, effective_settings
 
@@ -159,6 +160,7 @@ jobs_cli.register(app)
 rules_cli.register(app)
 findings_cli.register(app)
 notify_cli.register(app)
+studies_cli.register(app)
 
 
 if __name__ == "__main__":
