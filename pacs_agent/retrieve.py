@@ -93,7 +93,9 @@ class RetrieveReport:
 
     @property
     def any_sent(self) -> bool:
-        return any(s.received_instances for s in self.studies)
+        """Something of the request is here: instances arrived in this run, or a study is
+        whole (it may have arrived in an earlier run). Else the retrieve got nothing."""
+        return any(s.received_instances or s.state == "ok" for s in self.studies)
 
 
 def _instances_here(

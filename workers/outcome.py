@@ -99,9 +99,11 @@ def patient_texts(datasets: Iterable[Dataset]) -> frozenset[str]:
 
 
 def redact(text: str, private: Iterable[str]) -> str:
-    """``text`` with every occurrence of a ``private`` text (any case) replaced."""
+    """``text`` with every occurrence of a ``private`` text (any case) replaced, where it stands
+    as a word of its own: a patient called "Demo" leaves the model ``demo_ct_blob_seg`` alone."""
     for secret in sorted(set(private), key=len, reverse=True):
-        text = re.sub(re.escape(secret), REDACTED, text, flags=re.IGNORECASE)
+        pattern = rf"(?<!\w){re.escape(secret)}(?!\w)"
+        text = re.sub(pattern, REDACTED, text, flags=re.IGNORECASE)
     return text
 
 

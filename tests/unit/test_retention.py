@@ -14,7 +14,7 @@ from pacs_agent.domain.retention import (
     purge_decision,
 )
 from pacs_agent.net.qr import MoveOutcome
-from pacs_agent.retrieve import judge
+from pacs_agent.retrieve import RetrievedStudy, RetrieveReport, judge
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 THIRTY_DAYS = PurgePolicy(older_than=timedelta(days=30))
@@ -112,3 +112,13 @@ def test_a_retrieve_is_judged_by_what_arrived_not_only_by_the_pacs_counts() -> N
     assert state == "failed" and "move destination unknown" in text
     # Success claimed, but fewer here than the PACS counted: partial.
     assert judge(MoveOutcome(0, completed=9), 9, 7, 7, "AGENT")[0] == "partial"
+
+
+def test_a_retrieve_whose_studies_were_already_here_is_partial_not_nothing() -> None:
+    """Asked again for an accession: one study already whole here (nothing new arrived), the
+    other refused. Something of the request is here, so partial (exit 1), not "nothing"."""
+    whole = RetrievedStudy("1.2.3", "A1", MoveOutcome(0x0000), 8, 0, 8, "ok")
+    refused = RetrievedStudy("1.2.4", "A1", MoveOutcome(0xC000), 1, 0, 0, "failed")
+    report = RetrieveReport("PACSAGENT", [whole, refused])
+    assert not report.all_ok and report.any_sent
+    assert not RetrieveReport("PACSAGENT", [refused]).any_sent

@@ -23,6 +23,7 @@ from workers.outcome import (
     failure_reason,
     failure_traceback,
     is_transient,
+    redact,
 )
 
 
@@ -170,4 +171,12 @@ def test_a_library_that_refuses_the_input_is_named_with_its_message() -> None:
     assert failure_reason(exc) == (
         "building the Segmentation: highdicom could not use the series: "
         "Segment number must be a positive integer below 65536."
+    )
+
+
+def test_a_patient_text_is_redacted_as_a_word_not_inside_other_words() -> None:
+    private = frozenset({"Demo", "DEMO0042"})
+    reason = "running model demo_ct_blob_seg: the series of Demo (id DEMO0042) is odd"
+    assert redact(reason, private) == (
+        f"running model demo_ct_blob_seg: the series of {REDACTED} (id {REDACTED}) is odd"
     )
