@@ -10,7 +10,7 @@ answers the UPS DIMSE services with the functions here.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -449,7 +449,10 @@ def end_requested(
 
 
 def retrieve_requested(
-    session_factory: sessionmaker[Session], settings: Settings, uid: str, now: datetime
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    uid: str,
+    clock: Callable[[], datetime],
 ) -> str:
     """Retrieve the study a client's workitem names from the PACS (``query_retrieve``),
     exactly as ``pacs-agent retrieve <study>`` does (audited, actor ``ups:<AE>``): the study
@@ -459,7 +462,8 @@ def retrieve_requested(
     the study, refuses the move) the workitem ends CANCELED with the reason: a client waits
     for a final state, and this one would otherwise stay SCHEDULED for ever. A partial
     retrieve goes on with what arrived. Returns ok, partial or failed. Call it off the
-    association thread: a C-MOVE takes as long as the PACS needs.
+    association thread: a C-MOVE takes as long as the PACS needs (``clock`` is read before
+    and after it).
     """
     with session_factory() as session:
         item = find_workitem(session, uid)
@@ -468,16 +472,16 @@ def retrieve_requested(
         study_uid, actor = item.study_instance_uid, f"ups:{item.requested_by or '?'}"
     try:
         report = qr_retrieve.retrieve(
-            settings, session_factory, study_uid=study_uid, actor=actor, now=now
+            settings, session_factory, study_uid=study_uid, actor=actor, now=clock()
         )
     except qr_retrieve.RetrieveError as exc:
-        end_requested(session_factory, uid, f"retrieve from the PACS failed: {exc}", now)
+        end_requested(session_factory, uid, f"retrieve from the PACS failed: {exc}", clock())
         log.warning("UPS workitem %s: retrieve of study %s failed: %s", uid, study_uid, exc)
         return "failed"
     got = next((s for s in report.studies if s.study_instance_uid == study_uid), None)
     if got is None or (got.state == "failed" and got.held_instances == 0):
         why = got.explanation if got is not None else "the PACS did not send the study"
-        end_requested(session_factory, uid, f"retrieve from the PACS failed: {why}", now)
+        end_requested(session_factory, uid, f"retrieve from the PACS failed: {why}", clock())
         log.warning("UPS workitem %s: retrieve of study %s failed: %s", uid, study_uid, why)
         return "failed"
     log.info("UPS workitem %s: study %s retrieved (%s)", uid, study_uid, got.state)

@@ -330,7 +330,7 @@ class UpsService:
             waiting = [u for u in ups.awaiting_retrieve(session) if u not in self.tried]
         for uid in waiting:
             self.tried.add(uid)
-            ups.retrieve_requested(self.sessions, self.settings, uid, self.clock())
+            ups.retrieve_requested(self.sessions, self.settings, uid, self.clock)
         return len(waiting)
 
     def tick(self) -> int:
