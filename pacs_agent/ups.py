@@ -10,7 +10,7 @@ answers the UPS DIMSE services with the functions here.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -19,6 +19,7 @@ from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent import admin
+from pacs_agent import retrieve as qr_retrieve
 from pacs_agent.catalog import load_catalog
 from pacs_agent.config import Settings
 from pacs_agent.db.models import Job, Series, Study, UpsEvent, UpsSubscription, UpsWorkitem
@@ -348,7 +349,8 @@ def create_requested(
 
     The study is named by the Input Information Sequence's Study Instance UID (or the top
     level's). A study already received is reprocessed at once (audited, actor ``ups:<AE>``);
-    one not received yet is processed when it arrives (``pacs-agent`` waits for the push).
+    one not received yet is processed when it arrives: pushed, or retrieved from the PACS in
+    the background when ``query_retrieve`` is configured (``retrieve_requested``).
     """
     state = str(attributes.get("ProcedureStepState", ""))
     if state != UPS.SCHEDULED.value:
@@ -405,6 +407,85 @@ def create_requested(
         )
     log.info("UPS workitem %s created by %s for study %s", uid, calling_ae, study_uid)
     return uid
+
+
+def awaiting_retrieve(session: Session) -> list[str]:
+    """Workitems clients created that are still SCHEDULED, not cancelled, for a study that
+    is not in our index at all: what ``retrieve_requested`` fetches from the PACS."""
+    known = select(Study.id).where(Study.study_instance_uid == UpsWorkitem.study_instance_uid)
+    return list(
+        session.scalars(
+            select(UpsWorkitem.sop_instance_uid)
+            .where(
+                UpsWorkitem.job_id.is_(None),
+                UpsWorkitem.state == UPS.SCHEDULED.value,
+                UpsWorkitem.cancel_requested_by.is_(None),
+                ~known.exists(),
+            )
+            .order_by(UpsWorkitem.id)
+        )
+    )
+
+
+def end_requested(
+    session_factory: sessionmaker[Session], uid: str, reason: str, now: datetime
+) -> bool:
+    """End a client's workitem CANCELED with ``reason`` and owe its subscribers the report.
+    False when it is already final (nothing changes)."""
+    with session_factory.begin() as session:
+        item = find_workitem(session, uid)
+        if item is None or UPS(item.state) in FINAL:
+            return False
+        before = stored_state(item)
+        after = StepState(UPS.CANCELED, 0, reason)
+        subs = subscribers_of(session, uid)
+        for report in state_reports(before, after):
+            owe(session, uid, subs, STATE_REPORT, report, now)
+        item.state = after.state.value
+        item.progress = 0
+        item.reason = reason
+        item.updated_at = now
+    return True
+
+
+def retrieve_requested(
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    uid: str,
+    clock: Callable[[], datetime],
+) -> str:
+    """Retrieve the study a client's workitem names from the PACS (``query_retrieve``),
+    exactly as ``pacs-agent retrieve <study>`` does (audited, actor ``ups:<AE>``): the study
+    reaches our listener and is processed as if pushed, and the workitem follows its jobs.
+
+    When nothing of the study could be brought here (the PACS is unreachable, does not have
+    the study, refuses the move) the workitem ends CANCELED with the reason: a client waits
+    for a final state, and this one would otherwise stay SCHEDULED for ever. A partial
+    retrieve goes on with what arrived. Returns ok, partial or failed. Call it off the
+    association thread: a C-MOVE takes as long as the PACS needs (``clock`` is read before
+    and after it).
+    """
+    with session_factory() as session:
+        item = find_workitem(session, uid)
+        if item is None:
+            return "failed"
+        study_uid, actor = item.study_instance_uid, f"ups:{item.requested_by or '?'}"
+    try:
+        report = qr_retrieve.retrieve(
+            settings, session_factory, study_uid=study_uid, actor=actor, now=clock()
+        )
+    except qr_retrieve.RetrieveError as exc:
+        end_requested(session_factory, uid, f"retrieve from the PACS failed: {exc}", clock())
+        log.warning("UPS workitem %s: retrieve of study %s failed: %s", uid, study_uid, exc)
+        return "failed"
+    got = next((s for s in report.studies if s.study_instance_uid == study_uid), None)
+    if got is None or (got.state == "failed" and got.held_instances == 0):
+        why = got.explanation if got is not None else "the PACS did not send the study"
+        end_requested(session_factory, uid, f"retrieve from the PACS failed: {why}", clock())
+        log.warning("UPS workitem %s: retrieve of study %s failed: %s", uid, study_uid, why)
+        return "failed"
+    log.info("UPS workitem %s: study %s retrieved (%s)", uid, study_uid, got.state)
+    return got.state
 
 
 def request_cancel(

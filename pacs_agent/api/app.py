@@ -20,6 +20,7 @@ from pacs_agent import __version__
 from pacs_agent.api.actions import ActionError
 from pacs_agent.api.auth import TokenBook
 from pacs_agent.api.deps import Reader
+from pacs_agent.api.docs import add_docs
 from pacs_agent.api.metrics import make_registry
 from pacs_agent.config import Settings
 
@@ -93,7 +94,11 @@ def create_app(
             "AI results beside your PACS: studies, series, jobs, findings, exports and the "
             "audit log; reprocess, retry and cancel. Send `Authorization: Bearer <token>`."
         ),
+        # FastAPI's pages load their scripts from a CDN; ours are served here (api.docs).
+        docs_url=None,
+        redoc_url=None,
     )
+    add_docs(app)
     app.state.pacs = state
 
     @app.exception_handler(ActionError)

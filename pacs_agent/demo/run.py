@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -48,6 +49,25 @@ def _wait_for_listener(settings: Settings, proc: subprocess.Popen[bytes], timeou
     raise TimeoutError("the listener did not answer C-ECHO in time")
 
 
+def api_port_for_demo(settings: Settings) -> int | None:
+    """The port the demo's ``serve`` runs its API on, or None when the API is off.
+
+    ``serve`` refuses to start when its API port is taken (another agent, a test run in
+    parallel, anything else on 8080): the demo then takes a free loopback port instead,
+    since its point is the DICOM path, and says which.
+    """
+    if not settings.api.enabled:
+        return None
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((settings.api.host, settings.api.port))
+        return settings.api.port
+    except OSError:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((settings.api.host, 0))
+            return int(s.getsockname()[1])
+
+
 def _wait_for_jobs(sf: sessionmaker[Session], study_uid: str, timeout_s: float) -> list[Job]:
     deadline = time.monotonic() + timeout_s
     last = ""
@@ -84,6 +104,12 @@ def run_demo(settings: Settings, *, config_file: Path | None, timeout_s: float) 
     cmd += ["serve"]
     env = os.environ.copy()
     env.setdefault("PACS_AGENT_DATA_DIR", str(settings.data_dir))
+    api_port = api_port_for_demo(settings)
+    if api_port is not None:
+        if api_port != settings.api.port:
+            print(f"port {settings.api.port} is taken: the API runs on {api_port} instead")
+        env["PACS_AGENT_API__PORT"] = str(api_port)
+        print(f"API and dashboard: http://{settings.api.host}:{api_port}/")
     log_path = settings.data_dir / "logs" / "demo-serve.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"starting pacs-agent serve (log: {log_path}) ...", flush=True)

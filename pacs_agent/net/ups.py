@@ -78,11 +78,17 @@ class UpsHandlers:
     """The UPS DIMSE handlers over one session factory (no globals, a clock passed in)."""
 
     def __init__(
-        self, settings: Settings, session_factory: sessionmaker[Session], clock: Clock = utcnow
+        self,
+        settings: Settings,
+        session_factory: sessionmaker[Session],
+        clock: Clock = utcnow,
+        on_created: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = session_factory
         self.clock = clock
+        #: Told of each workitem a client created (wakes the retriever; never blocks).
+        self.on_created = on_created
 
     def handlers(self) -> list[evt.EventHandlerType]:
         return [
@@ -108,6 +114,8 @@ class UpsHandlers:
         except Exception:
             log.exception("UPS N-CREATE failed")
             return _status(0x0110, "processing failure"), None
+        if self.on_created is not None:
+            self.on_created(made)
         with self.sessions() as session:
             item = ups.find_workitem(session, made)
             assert item is not None
@@ -257,9 +265,24 @@ class UpsService:
         self.ae = build_ups_ae(settings)
         self.server: ThreadedAssociationServer | None = None
         self.thread: threading.Thread | None = None
+        self.retriever: threading.Thread | None = None
+        self.wake = threading.Event()
+        #: Workitems this process has tried to retrieve the study of (once each per process:
+        #: after a restart, those still waiting are tried again).
+        self.tried: set[str] = set()
+
+    @property
+    def retrieves(self) -> bool:
+        """Whether a requested study not held here is retrieved from the PACS."""
+        return self.settings.query_retrieve.ae_title is not None
 
     def start(self, stop: threading.Event) -> None:
-        handlers = UpsHandlers(self.settings, self.sessions, self.clock).handlers()
+        handlers = UpsHandlers(
+            self.settings,
+            self.sessions,
+            self.clock,
+            on_created=lambda _uid: self.wake.set(),
+        ).handlers()
         self.server = self.ae.start_server(
             (self.settings.ups.host, self.settings.ups.port),
             block=False,
@@ -269,6 +292,11 @@ class UpsService:
             target=self.run, args=(stop,), name="ups-events", daemon=True
         )
         self.thread.start()
+        if self.retrieves:
+            self.retriever = threading.Thread(
+                target=self.run_retrieves, args=(stop,), name="ups-retrieve", daemon=True
+            )
+            self.retriever.start()
         log.info(
             "UPS SCP %s on %s:%d",
             self.settings.ups.ae_title,
@@ -283,6 +311,27 @@ class UpsService:
             except Exception:  # the database away: try again next time, nothing is lost
                 log.exception("UPS event loop")
             stop.wait(self.settings.ups.poll_interval_s)
+
+    def run_retrieves(self, stop: threading.Event) -> None:
+        """Retrieve, one at a time, the studies clients asked for that are not held here.
+        Its own thread: a C-MOVE may take minutes, and neither the association that asked
+        nor the delivery of events waits for it."""
+        while not stop.is_set():
+            try:
+                self.retrieve_waiting()
+            except Exception:  # the database away: try again next time
+                log.exception("UPS retrieve loop")
+            self.wake.wait(self.settings.ups.poll_interval_s)
+            self.wake.clear()
+
+    def retrieve_waiting(self) -> int:
+        """Retrieve the study of each waiting workitem not tried yet. Returns how many."""
+        with self.sessions() as session:
+            waiting = [u for u in ups.awaiting_retrieve(session) if u not in self.tried]
+        for uid in waiting:
+            self.tried.add(uid)
+            ups.retrieve_requested(self.sessions, self.settings, uid, self.clock)
+        return len(waiting)
 
     def tick(self) -> int:
         """Refresh workitems from the jobs, then deliver what is owed. Returns events sent."""

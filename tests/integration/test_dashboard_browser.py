@@ -1,7 +1,8 @@
 """The dashboard in a real browser (headless Debian chromium driven by Playwright): a study
 sent over DICOM to a running ``pacs-agent serve`` shows on the worklist with its finding, the
 job page shows the SEG over a slice, an admin's Reprocess makes a new job, a read-only token
-sees no buttons, and a form without its CSRF token changes nothing.
+sees no buttons, and a form without its CSRF token changes nothing. The API's own /docs and
+/redoc pages render with no request leaving 127.0.0.1 (hospital networks reach no CDN).
 
 Screenshots are kept under var/test-artifacts/dashboard/."""
 
@@ -12,12 +13,13 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.helpers.api import ADMIN_TOKEN, READ_TOKEN, api_site
 from tests.helpers.orchestration import jobs_of
 from tests.helpers.paths import REPO
-from tests.helpers.servers import require_services
+from tests.helpers.servers import Agent, free_port, require_services, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -128,3 +130,70 @@ def test_worklist_job_page_reprocess_and_read_only_view_in_a_real_browser(
         page.click("button[type=submit]")
         assert "unknown token" in page.inner_text("main")
         context.close()
+
+
+def test_the_api_docs_render_every_operation_with_no_request_leaving_the_agent(
+    tmp_path: Path, browser: object
+) -> None:
+    api_port = free_port()
+    agent = Agent(
+        workdir=tmp_path / "agent",
+        port=free_port(),
+        with_worker=False,
+        env_overrides={"PACS_AGENT_API__PORT": str(api_port)},
+    )
+    agent.start()
+    url = f"http://127.0.0.1:{api_port}"
+    try:
+
+        def up() -> bool:
+            try:
+                return httpx.get(url + "/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(up, 60, "the API to answer")
+        paths = httpx.get(url + "/openapi.json", timeout=10).json()["paths"]
+        assert "/api/v1/jobs" in paths
+        context = browser.new_context()  # type: ignore[attr-defined]
+        # What the pages ask for; what the browser refused by the pages' Content-Security-
+        # Policy (never sent); what reached the network (only these could leave the machine).
+        requested: list[str] = []
+        failed: dict[str, str] = {}
+        sent: list[str] = []
+        context.on("request", lambda r: requested.append(r.url))
+        context.on("requestfailed", lambda r: failed.__setitem__(r.url, r.failure))
+
+        def network(route: object) -> None:
+            request_url = route.request.url  # type: ignore[attr-defined]
+            sent.append(request_url)
+            if request_url.startswith(url + "/"):
+                route.continue_()  # type: ignore[attr-defined]
+            else:
+                route.abort()  # type: ignore[attr-defined]
+
+        context.route("**/*", network)
+        page = context.new_page()
+
+        page.goto(url + "/docs")
+        page.wait_for_selector(".opblock-summary-path", timeout=30_000)
+        shown = set(page.locator(".opblock-summary-path").all_inner_texts())
+        shown = {p.replace("\u200b", "") for p in shown}  # Swagger UI breaks long paths
+        assert {"/api/v1/jobs", "/health", "/metrics"} <= shown, shown
+        page.screenshot(path=str(tmp_path / "docs.png"))
+
+        page.goto(url + "/redoc")
+        page.wait_for_selector("[data-section-id^='tag/']", timeout=30_000)
+        assert "/api/v1/jobs" in page.inner_text("body")
+        context.close()
+
+        assert any(u.endswith("/docs-assets/swagger-ui-bundle.js") for u in requested)
+        assert any(u.endswith("/docs-assets/redoc.standalone.js") for u in requested)
+        leaving = [u for u in sent if not u.startswith(url + "/")]
+        assert not leaving, f"requests leaving the agent: {leaving}"
+        # ReDoc's side menu asks for its vendor's logo: refused by the browser, never sent.
+        # (blob: URLs are the page's own memory: ReDoc's search worker.)
+        elsewhere = [u for u in requested if not u.removeprefix("blob:").startswith(url + "/")]
+        assert all(failed.get(u) == "csp" for u in elsewhere), (elsewhere, failed)
+    finally:
+        agent.stop()

@@ -193,6 +193,8 @@ def test_serve_refuses_to_start_on_a_network_address_without_allow_list(tmp_path
         "PACS_AGENT_DATA_DIR": str(tmp_path / "var"),
         "PACS_AGENT_LISTENER__HOST": "0.0.0.0",
         "PACS_AGENT_LISTENER__PORT": str(free_port()),
+        # Not under test here; never the default 8080 another test may hold.
+        "PACS_AGENT_API__ENABLED": "false",
     }
     result = subprocess.run(
         [sys.executable, "-m", "pacs_agent", "serve", "--no-worker"],

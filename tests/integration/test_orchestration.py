@@ -109,11 +109,12 @@ def make_site(
     with_worker: bool = True,
     env: dict[str, str] | None = None,
     config_toml: str = "",
+    orthanc_port: int | None = None,
 ) -> Iterator[Site]:
     agent_port = free_port()
     orthanc = Orthanc(
         workdir=tmp_path / "orthanc",
-        dicom_port=free_port(),
+        dicom_port=orthanc_port or free_port(),
         http_port=free_port(),
         modalities={"agent": ["PACSAGENT", "127.0.0.1", agent_port]},
     )

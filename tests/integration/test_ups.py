@@ -161,7 +161,13 @@ def request_cancel(port: int, uid: str) -> int:
 
 @contextmanager
 def ups_site(
-    tmp_path: Path, watcher_port: int, *, with_worker: bool = True, database_url: str | None = None
+    tmp_path: Path,
+    watcher_port: int,
+    *,
+    with_worker: bool = True,
+    database_url: str | None = None,
+    env: dict[str, str] | None = None,
+    orthanc_port: int | None = None,
 ) -> Iterator[tuple[Site, int]]:
     ups_port = free_port()
     env = {
@@ -173,9 +179,15 @@ def ups_site(
         "PACS_AGENT_UPS__SUBSCRIBERS": json.dumps(
             [{"ae_title": CLIENT, "host": "127.0.0.1", "port": watcher_port}]
         ),
+        **(env or {}),
     }
     with make_site(
-        tmp_path, None, with_worker=with_worker, env=env, database_url=database_url
+        tmp_path,
+        None,
+        with_worker=with_worker,
+        env=env,
+        database_url=database_url,
+        orthanc_port=orthanc_port,
     ) as site:
         yield site, ups_port
 
@@ -340,3 +352,62 @@ def test_only_configured_clients_may_associate_and_a_request_must_name_its_study
             change.ProcedureStepLabel = "mine now"
             status, _ = assoc.send_n_set(change, UnifiedProcedureStepPull, "2.25.404")
             assert status.Status == 0xC307
+
+
+def test_a_request_for_a_study_only_the_pacs_holds_retrieves_it_and_completes_and_one_it_lacks_is_canceled(  # noqa: E501
+    tmp_path: Path,
+) -> None:
+    watcher = Watcher(free_port())
+    watcher.start()
+    # query_retrieve names the PACS (Orthanc): its port is known once the site is made, so
+    # the site's Orthanc is started first with a fixed port chosen here.
+    orthanc_port = free_port()
+    env = {
+        "PACS_AGENT_QUERY_RETRIEVE__AE_TITLE": "ORTHANC",
+        "PACS_AGENT_QUERY_RETRIEVE__HOST": "127.0.0.1",
+        "PACS_AGENT_QUERY_RETRIEVE__PORT": str(orthanc_port),
+        "PACS_AGENT_QUERY_RETRIEVE__TIMEOUT_S": "20",
+    }
+    try:
+        with ups_site(tmp_path, watcher.port, env=env, orthanc_port=orthanc_port) as (site, port):
+            assert site.orthanc.dicom_port == orthanc_port
+            assert subscribe(port) == 0x0000
+            study_uid, files = small_study(site.workdir / "pacs", 17)
+            for f in files:
+                site.orthanc.upload(f)  # the PACS has it; the agent never received it
+
+            requested = "2.25.4242"
+            assert n_create(port, request_for(study_uid), requested) == 0x0000
+            wait_for(
+                lambda: watcher.states(requested)[-1:] == ["COMPLETED"],
+                240,
+                "the requested workitem COMPLETED after the study was retrieved",
+            )
+            assert watcher.states(requested) == ["SCHEDULED", "IN PROGRESS", "COMPLETED"]
+            (job,) = jobs_of(site.database_url)
+            assert job.status == "exported"
+
+            # A study the PACS does not have: the workitem ends CANCELED with the reason.
+            missing = "2.25.4343"
+            assert n_create(port, request_for("1.2.826.0.1.3680043.10.9999.404"), missing) == 0
+            wait_for(lambda: watcher.states(missing)[-1:] == ["CANCELED"], 60, "CANCELED")
+            assert watcher.states(missing) == ["SCHEDULED", "CANCELED"]
+            reason = (
+                n_get(port, missing)
+                .ProcedureStepProgressInformationSequence[0]
+                .ReasonForCancellation
+            )
+            assert "has no study 1.2.826.0.1.3680043.10.9999.404" in reason
+
+            engine = make_engine(site.database_url)
+            try:
+                with make_session_factory(engine)() as s:
+                    audited = list(
+                        s.scalars(select(AuditEntry).where(AuditEntry.action == "retrieve"))
+                    )
+            finally:
+                engine.dispose()
+            assert [a.actor for a in audited] == [f"ups:{CLIENT}"] * 2
+            assert study_uid in audited[0].arguments and "not found" in audited[1].outcome
+    finally:
+        watcher.stop()

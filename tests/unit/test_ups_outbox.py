@@ -6,13 +6,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from pydicom import Dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pacs_agent import ups
 from pacs_agent.config import Settings
 from pacs_agent.db.jobs import transition
-from pacs_agent.db.models import Base, Job, Series, Study, UpsEvent
+from pacs_agent.db.models import Base, Job, Series, Study, UpsEvent, UpsWorkitem
 from pacs_agent.db.session import make_engine, make_session_factory
 from pacs_agent.domain.jobs import JobStatus
 
@@ -113,3 +114,47 @@ def test_an_event_not_delivered_holds_back_the_later_ones_of_its_subscriber(
         later = ups.pending_events(s, retry_at)["RIS"]
     assert [p.state for p in later] == ["SCHEDULED", "CANCELED"]
     assert later[0].attempts == 1
+
+
+def test_only_a_requested_scheduled_workitem_for_a_study_not_held_awaits_a_retrieve_and_a_failure_ends_it_canceled(  # noqa: E501
+    tmp_path: Path,
+) -> None:
+    settings, sf, _ = _site(tmp_path)
+    assert ups.subscribe(sf, settings, ups.GLOBAL, "RIS", False, T0) == 0
+    with sf.begin() as s:  # a request for the study held here (1.2.3): no retrieve
+        s.add(
+            UpsWorkitem(
+                sop_instance_uid="2.25.1",
+                study_instance_uid="1.2.3",
+                requested_by="RIS",
+                state="SCHEDULED",
+                progress=0,
+                created_at=T0,
+                updated_at=T0,
+            )
+        )
+    ups.refresh(sf, ROOT, T0)  # the job's own workitem: never retrieved either
+    request = Dataset()
+    request.ProcedureStepState = "SCHEDULED"
+    request.StudyInstanceUID = "9.9.9"
+    absent = ups.create_requested(sf, settings, "2.25.2", request.copy(), "RIS", T0)
+    cancelled = ups.create_requested(sf, settings, "2.25.3", request.copy(), "RIS", T0)
+    assert ups.request_cancel(sf, cancelled, "RIS", T0) == 0
+    with sf() as s:
+        assert ups.awaiting_retrieve(s) == [absent]
+
+    assert ups.end_requested(sf, absent, "retrieve from the PACS failed: not there", T0)
+    assert not ups.end_requested(sf, absent, "again", T0)  # final stays final
+    with sf() as s:
+        assert ups.awaiting_retrieve(s) == []
+        item = ups.find_workitem(s, absent)
+        assert item is not None
+        assert (item.state, item.reason) == ("CANCELED", "retrieve from the PACS failed: not there")
+        owed = [
+            (e.event_type, e.state, e.reason)
+            for e in s.scalars(select(UpsEvent).where(UpsEvent.workitem_uid == absent))
+        ]
+    assert owed == [
+        (1, "SCHEDULED", None),
+        (1, "CANCELED", "retrieve from the PACS failed: not there"),
+    ]
