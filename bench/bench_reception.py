@@ -18,7 +18,7 @@ about the host than about the receivers.
     .venv/bin/python bench/bench_reception.py --instances 500 --runs 3 --rss 2000
 
 ``--processes 1,2,4`` runs pacs-agent once per listener process count (``listener.processes``,
-decision 0011) in the same runs, and prints each one's img/s, its ratios to storescp and to
+decision 0013) in the same runs, and prints each one's img/s, its ratios to storescp and to
 Orthanc, and whether it was above Orthanc in every single run. ``--no-plain`` leaves out the
 plain pynetdicom receiver.
 

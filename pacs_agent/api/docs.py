@@ -3,7 +3,7 @@
 FastAPI's own ``/docs`` and ``/redoc`` load Swagger UI and ReDoc from a public CDN (and
 ReDoc its fonts from Google), which hospital networks do not reach: the page stays blank.
 Here the pages load the same scripts from the ``fastapi-offline`` package's copy, under
-``/docs-assets`` (decision record 0011-offline-docs-followups).
+``/docs-assets`` (decision record 0022-api-docs-served-offline).
 """
 
 from __future__ import annotations

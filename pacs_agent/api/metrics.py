@@ -1,4 +1,4 @@
-"""Prometheus metrics (decision 0011-api-metrics): the database is the truth.
+"""Prometheus metrics (decision 0018-metrics-from-the-database): the database is the truth.
 
 Every figure about work (instances and bytes received, studies completed, jobs by state,
 queue depth, inference seconds per model, export attempts and failures per destination) is

@@ -11,7 +11,7 @@ connectivity:
   ``min_volume_mm3`` of volume.
 
 Thresholds are volumes, not voxel counts, so that one card means the same on a 0.5 mm and a
-5 mm reconstruction (decision record 0011-thresholds-segment-detection).
+5 mm reconstruction (decision record 0011-segment-detection-thresholds).
 
 Pure functions: component sizes (voxel counts) and the voxel volume in, a decision out. The
 components themselves are found by :func:`pacs_agent.dicom.geometry.measure_segments`.

@@ -1,7 +1,7 @@
 """The UPS SCP (IHE AIW-I) on its own pynetdicom AE, and delivery of its event reports.
 
 Thin: each handler reads the request, calls ``pacs_agent.ups`` and answers a DICOM status
-(decision 0011-ups: why a second AE on ``ups.port``, not the listener's upper layer). The
+(decision 0019: why a second AE on ``ups.port``, not the listener's upper layer). The
 agent performs its own workitems: clients create (N-CREATE: "process this study"), query
 (C-FIND), read (N-GET), subscribe and ask to cancel (N-ACTION); N-SET and Change UPS State
 are the performer's and refused to clients (0xC301: they do not hold the Transaction UID).

@@ -3,7 +3,7 @@
 The resources are validated with fhir.resources before anything is sent. fhir.resources 8
 ships the R4B models (FHIR 4.3.0) as its R4-family sub-package: DiagnosticReport,
 Observation, ImagingStudy references and Bundle are unchanged from R4 4.0.1 (decision
-0011-notify). The Bundle is POSTed to the configured base URL with bearer authentication;
+0016). The Bundle is POSTed to the configured base URL with bearer authentication;
 the DiagnosticReport is created conditionally (``ifNoneExist`` on its identifier, the
 notification's event id), so a re-send after a lost answer does not make a second report.
 
