@@ -55,7 +55,10 @@ count=$(ls "$dest/.debs"/*.deb | wc -l)
 # --- wheels ----------------------------------------------------------------------------
 wheels="pydicom pynetdicom SQLAlchemy alembic Mako pydantic pydantic_core pydantic-settings
 python-dotenv typing-inspection annotated-types typing_extensions typer click shellingham
-annotated-doc celery kombu amqp billiard vine tzlocal python-dateutil six"
+annotated-doc celery kombu amqp billiard vine tzlocal python-dateutil six dicomweb-client retrying
+fastapi starlette uvicorn fastapi_offline python-multipart opentelemetry-api"
+# (the device's Python has numpy, requests, pillow, jinja2, anyio, h11 and prometheus_client;
+# the API in `serve` needs fastapi and uvicorn since the API landed)
 pins=()
 for name in $wheels; do
     pin=$(grep -i "^${name}==" "$repo/requirements.lock" | head -1)
