@@ -125,6 +125,8 @@ def job_summary(job: Job, study_uid: str, series_uid: str) -> dict[str, Any]:
         "write_s": job.write_s,
         "seg_sop_instance_uid": job.seg_sop_instance_uid,
         "sr_sop_instance_uid": job.sr_sop_instance_uid,
+        "ai_flag": job.ai_flag,
+        "ai_flag_reason": job.ai_flag_reason,
     }
 
 

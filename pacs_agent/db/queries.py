@@ -20,6 +20,8 @@ from sqlalchemy.orm import Session
 
 from pacs_agent.admin import JobFilter, job_summary
 from pacs_agent.db.models import AuditEntry, Export, Finding, Instance, Job, Series, Study
+from pacs_agent.domain.flags import PRIORITY, AIFlag
+from pacs_agent.domain.flags import study_flag as domain_study_flag
 from pacs_agent.domain.jobs import JobStatus
 
 #: Job states in which a study's AI result is not there yet (succeeded: results are there).
@@ -90,15 +92,20 @@ def _study_query(flt: StudyFilter) -> Select[Any]:
     return q
 
 
-def study_flag(findings: Sequence[dict[str, Any]]) -> str:
-    """The study-level AI flag shown on the worklist: ``positive`` when a finding is flagged
-    (a classification over its threshold), else ``none``. A per-finding ``ai_flag`` column
-    (none/positive/critical), when the schema has one, takes precedence."""
-    levels = [f.get("ai_flag") for f in findings if f.get("ai_flag")]
-    for level in ("critical", "positive"):
-        if level in levels:
-            return level
-    return "positive" if any(f["flag"] for f in findings) else "none"
+def study_flag(jobs: Sequence[dict[str, Any]], findings: Sequence[dict[str, Any]]) -> str:
+    """The study-level AI flag shown on the worklist (none, positive, critical): the highest of
+    the flags recorded with its current jobs (``jobs.ai_flag``, from the model cards' ``[flags]``
+    rules, the flag the notifiers send). A job done before flags were recorded counts as
+    ``positive`` when one of its findings is flagged."""
+    levels: list[AIFlag] = []
+    for job in jobs:
+        if job["status"] in ("superseded", "cancelled"):
+            continue
+        if job.get("ai_flag"):
+            levels.append(AIFlag(job["ai_flag"]))
+        elif any(f["flag"] for f in findings if f["job_id"] == job["id"]):
+            levels.append(AIFlag.POSITIVE)
+    return domain_study_flag(levels).value
 
 
 def ai_status(job_statuses: Sequence[str]) -> str:
@@ -128,10 +135,10 @@ def _finding_json(f: Finding) -> dict[str, Any]:
         "probability": f.probability,
         "threshold": f.threshold,
         "flag": f.flag,
+        "component_count": f.component_count,
+        "largest_component_mm3": f.largest_component_mm3,
+        "min_volume_mm3": f.min_volume_mm3,
     }
-    ai_flag = getattr(f, "ai_flag", None)  # a later schema's study-level flag
-    if ai_flag is not None:
-        data["ai_flag"] = str(ai_flag)
     return data
 
 
@@ -157,12 +164,20 @@ def _study_rows(session: Session, studies: Sequence[Study]) -> list[dict[str, An
     )
     jobs: dict[int, list[dict[str, Any]]] = defaultdict(list)
     job_ids = []
-    for job_id, study_id, model, status, reason in session.execute(
-        select(Job.id, Job.study_id, Job.model_name, Job.status, Job.reason)
+    for job_id, study_id, model, status, reason, ai_flag in session.execute(
+        select(Job.id, Job.study_id, Job.model_name, Job.status, Job.reason, Job.ai_flag)
         .where(Job.study_id.in_(ids))
         .order_by(Job.id)
     ):
-        jobs[study_id].append({"id": job_id, "model": model, "status": status, "reason": reason})
+        jobs[study_id].append(
+            {
+                "id": job_id,
+                "model": model,
+                "status": status,
+                "reason": reason,
+                "ai_flag": ai_flag,
+            }
+        )
         job_ids.append(job_id)
     findings: dict[int, list[dict[str, Any]]] = defaultdict(list)
     live_jobs = {
@@ -192,7 +207,8 @@ def _study_rows(session: Session, studies: Sequence[Study]) -> list[dict[str, An
                 "first_received_at": _iso(s.first_received_at),
                 "completed_at": _iso(s.completed_at),
                 "ai_status": ai_status([j["status"] for j in jobs[s.id]]),
-                "flag": study_flag(fs),
+                "flag": (flag := study_flag(jobs[s.id], fs)),
+                "suggested_priority": PRIORITY[AIFlag(flag)],
                 "jobs": jobs[s.id],
                 "findings": fs,
             }
