@@ -19,8 +19,10 @@ the lock is released); near 1 means the lock itself, one commit at a time, is th
 ``--variants``: ``process-lock`` is the index writer as built (on a SQLite file, the writers
 of all processes take turns on an OS lock next to the database, which wakes a waiter the
 moment it is released); ``busy-handler`` switches that lock off, so the writers meet only in
-SQLite's busy handler (as before decision 0012). The variants alternate in a shuffled order
-per run; compare ratios within a run, not absolute figures across machines.
+SQLite's busy handler (as before decision 0012); ``postgresql`` indexes into a fresh database
+on the PostgreSQL of the tests (127.0.0.1:5432), where the writers commit side by side. The
+variants alternate in a shuffled order per run; compare ratios within a run, not absolute
+figures across machines.
 
 Not run by pytest: a measurement, not a timed test.
 """
@@ -43,7 +45,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-VARIANTS = ("busy-handler", "process-lock")
+VARIANTS = ("busy-handler", "process-lock", "postgresql")
 
 
 def child(
@@ -56,6 +58,8 @@ def child(
     from pacs_agent.db.session import make_engine, make_session_factory
     from pacs_agent.dicom.header import InstanceHeader
 
+    if os.environ.get("BENCH_SWITCH_INTERVAL_S"):
+        sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL_S"]))
     engine = make_engine(url)
     session_factory = make_session_factory(engine)
     writer = IndexWriter(session_factory)
@@ -107,12 +111,23 @@ def run(
     workdir: Path, processes: int, threads: int, total: int, variant: str, work_ms: float
 ) -> dict[str, float]:
     """One measurement: a fresh database, ``processes`` children started together."""
+    if variant == "postgresql":
+        sys.path.insert(0, str(REPO / "tests"))
+        from helpers.servers import postgres_database
+
+        with postgres_database("bench_index") as url:
+            return _run(url, processes, threads, total, variant, work_ms)
+    db = workdir / f"index-{variant}-{processes}.db"
+    for suffix in ("", "-wal", "-shm", "-writer.lock"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    return _run(f"sqlite:///{db}", processes, threads, total, variant, work_ms)
+
+
+def _run(
+    url: str, processes: int, threads: int, total: int, variant: str, work_ms: float
+) -> dict[str, float]:
     from pacs_agent.db.migrate import upgrade
 
-    db = workdir / f"index-{variant}-{processes}.db"
-    for suffix in ("", "-wal", "-shm", ".lock"):
-        Path(f"{db}{suffix}").unlink(missing_ok=True)
-    url = f"sqlite:///{db}"
     upgrade(url)
     start_at = time.time() + 2.0  # every child imported and connected by then
     procs = [
