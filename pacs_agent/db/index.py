@@ -14,7 +14,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -274,6 +274,31 @@ class IndexTimeout(TimeoutError):
         self.cancelled = cancelled
 
 
+class WriterLost(IndexTimeout):
+    """The shared index writer went away with the row in hand: it may have committed."""
+
+    def __init__(self, reason: str) -> None:
+        Exception.__init__(self, f"the shared index writer is gone ({reason}); the row may commit")
+        self.cancelled = False
+
+
+class RowWriter(Protocol):
+    """What the listener needs of an index writer: this process's ``IndexWriter``, or the
+    listener processes' shared one (``pacs_agent.db.shared_index.SharedWriterClient``)."""
+
+    def index(
+        self, header: InstanceHeader, stored: StoredFile, now: datetime, *, reopen: bool = True
+    ) -> IndexOutcome: ...
+
+    def index_here(
+        self, header: InstanceHeader, stored: StoredFile, now: datetime, *, reopen: bool = True
+    ) -> IndexOutcome: ...
+
+    def digest_here(self, sop_uid: str) -> str | None: ...
+
+    def close(self) -> None: ...
+
+
 class WriterBusy(Exception):
     """The index writer is writing a batch at this moment."""
 
@@ -335,8 +360,7 @@ class IndexWriter:
         reopen: bool = True,
     ) -> IndexOutcome:
         """Commit the row of an instance whose file and directory entry are durable."""
-        request = _Request(header, stored, now, reopen)
-        self._queue.put(request)
+        request = self.submit(header, stored, now, reopen=reopen)
         # A database that hangs (a lock never released) must still end in 0xA700, not a
         # C-STORE that never gets its answer.
         try:
@@ -345,6 +369,21 @@ class IndexWriter:
             # Withdraw the row if the writer has not taken it yet; otherwise it may still
             # commit, and the caller must not treat the instance as unindexed.
             raise IndexTimeout(self.timeout_s, cancelled=request.future.cancel()) from exc
+
+    def submit(
+        self,
+        header: InstanceHeader,
+        stored: StoredFile,
+        now: datetime,
+        *,
+        reopen: bool = True,
+    ) -> _Request:
+        """Queue a row for the writer's thread without waiting: its ``future`` settles once
+        the row's transaction committed or failed (the shared writer of the listener
+        processes answers each process's rows from there)."""
+        request = _Request(header, stored, now, reopen)
+        self._queue.put(request)
+        return request
 
     def index_here(
         self,
@@ -522,10 +561,13 @@ class IndexWriter:
             return list(outcomes)
         results: list[IndexOutcome | BaseException] = []
         for request in batch:
+            begun = time.perf_counter()
             try:
                 results.append(self._index_one(request))
             except Exception as exc:
                 results.append(exc)
+            else:
+                self.stats.count(1, 0.0, time.perf_counter() - begun)
         return results
 
     def _index_one(self, r: _Request) -> IndexOutcome:
