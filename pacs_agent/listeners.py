@@ -5,7 +5,8 @@
 each new connection to one of them, and a child that dies leaves the socket, and the
 connections waiting on it, to the others while it is restarted. Each child is a whole
 listener (``start_listener``): its own association threads, spool writer with its own files
-made ahead, index writer and duplicate lookup on its own database connections. The
+made ahead, index writer (on SQLite the one in the parent that all children share over a
+socket pair each, decision 0012) and duplicate lookup on its own database connections. The
 scheduler, the embedded worker and the database upgrade stay in the parent, exactly once.
 Like the parent, a child never imports torch or MONAI (invariant 4).
 """

@@ -314,8 +314,9 @@ class IndexWriter:
     it retry one instance per transaction through the full path (``index_instance``), so one
     bad instance fails alone and a stale cached id is never trusted twice.
 
-    On a SQLite file the writers of all listener processes (``listener.processes``) take
-    turns on an OS lock next to the database (``process_lock``, decision 0012), held from
+    On a SQLite file index writers in separate processes (the listener processes share one
+    in ``serve`` instead, ``pacs_agent.db.shared_index``) take turns on an OS lock next to
+    the database (``process_lock``, decision 0012), held from
     before BEGIN IMMEDIATE until after COMMIT or ROLLBACK: a waiting writer wakes the moment
     the lock is released, where SQLite's busy handler sleeps 1, 2, 5, 10, ... ms between
     tries. The kernel releases it when its holder dies; the busy timeout stays as the fallback
