@@ -202,14 +202,20 @@ def child_main(argv: list[str] | None = None) -> int:
         receiver.writer = SharedWriterClient(socket.socket(fileno=args.index_fd))
     running = start_listener(settings.listener, receiver, sock=sock)
     log.info("listener process %d of %d ready (pid %d)", args.index, args.of, os.getpid())
+    code = 0
     try:
         while not stop.wait(1.0):
             if os.getppid() != parent:
                 log.error("listener process %d: serve (pid %d) is gone", args.index, parent)
                 break
+            lost = getattr(receiver.writer, "lost", None)
+            if lost is not None:  # every C-STORE would fail: exit, serve starts a new one
+                log.error("listener process %d: shared index writer lost (%s)", args.index, lost)
+                code = 1
+                break
     finally:
         running.shutdown()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

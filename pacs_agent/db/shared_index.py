@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import socket
+import struct
 import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -51,6 +52,11 @@ def serve_rows(writer: IndexWriter, channel: socket.socket, name: str) -> thread
     that ends (closing the channel) when the process's end closes."""
 
     send_lock = threading.Lock()
+    # Answers are sent from the writer's thread: a listener process that stops reading (stopped,
+    # not dead) must not hold up every other process's commits. After 5 s its answer is
+    # dropped and the channel ended: its rows in flight fail as "may still commit", never as
+    # success, and the process exits to be restarted with a new channel.
+    channel.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 5, 0))
 
     def answer(number: int, future: Future[IndexOutcome]) -> None:
         reply: dict[str, Any] = {"n": number}
@@ -59,8 +65,12 @@ def serve_rows(writer: IndexWriter, channel: socket.socket, name: str) -> thread
         except Exception as exc:
             reply["error"] = f"{type(exc).__name__}: {exc}"[:2000]
         data = (json.dumps(reply) + "\n").encode()
-        with send_lock, contextlib.suppress(OSError):  # the process is gone: nobody waits
-            channel.sendall(data)
+        with send_lock:
+            try:
+                channel.sendall(data)
+            except OSError:  # gone, or not reading: end the channel (it then restarts)
+                with contextlib.suppress(OSError):
+                    channel.shutdown(socket.SHUT_RDWR)
 
     def run() -> None:
         with channel, channel.makefile("rb") as lines:
@@ -131,6 +141,11 @@ class SharedWriterClient:
         self, header: InstanceHeader, stored: StoredFile, now: datetime, *, reopen: bool = True
     ) -> IndexOutcome:
         return self.index(header, stored, now, reopen=reopen)
+
+    @property
+    def lost(self) -> str | None:
+        """Why the channel to the shared writer ended (None: it has not)."""
+        return self._lost
 
     def digest_here(self, sop_uid: str) -> str | None:
         raise WriterBusy()  # no writer connection here: the caller reads the index itself

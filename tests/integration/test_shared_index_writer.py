@@ -107,6 +107,7 @@ def test_a_broken_channel_fails_the_rows_in_flight_as_may_still_commit() -> None
     sender.join(30)
     assert len(outcome) == 1 and isinstance(outcome[0], WriterLost)
     assert not outcome[0].cancelled  # the listener keeps the file: the row may have committed
+    assert client.lost is not None  # the listener process then exits and serve restarts it
     with pytest.raises(SharedIndexError, match="gone"):
         client.index(_header("1.2.3", "1.2.3.4"), _stored(2), NOW)
     client.close()
