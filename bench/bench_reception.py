@@ -115,6 +115,9 @@ class Started:
     count: Callable[[], int]
     #: What to print after a send (pacs-agent: how many listener processes took associations).
     detail: Callable[[], str] = lambda: ""
+    #: What to print once the receiver has stopped, given the send's seconds (pacs-agent: its
+    #: index writers' commits, and how busy the one SQLite write turn was).
+    stopped: Callable[[float], str] = lambda seconds: ""
 
 
 @contextmanager
@@ -193,10 +196,35 @@ def pacs_agent(workdir: Path, env: dict[str, str] | None = None) -> Iterator[Sta
                 f"{processes} listener processes",
             )
         yield Started(
-            agent.port, agent.ae_title, lambda: _agent_count(agent), lambda: _served_by(agent)
+            agent.port,
+            agent.ae_title,
+            lambda: _agent_count(agent),
+            lambda: _served_by(agent),
+            lambda seconds: _index_writers(agent, seconds),
         )
     finally:
         agent.stop()
+
+
+def _index_writers(agent: Agent, seconds: float) -> str:
+    """The index writers' own counters, logged by each as it closes (``IndexWriter.stats``):
+    rows per commit, and the time the write turn was held over the send's time (near 1 for
+    N processes on SQLite: one commit at a time bounds them)."""
+    found = re.findall(
+        r"index writer: (\d+) rows in (\d+) commits .*?waited ([\d.]+) s for the write turn, "
+        r"held it ([\d.]+) s",
+        agent.log_tail(10**8),
+    )
+    if not found:
+        return ""
+    rows, commits = sum(int(f[0]) for f in found), sum(int(f[1]) for f in found)
+    wait, hold = sum(float(f[2]) for f in found), sum(float(f[3]) for f in found)
+    return (
+        f"; index: {len(found)} writer(s), {rows / max(commits, 1):.2f} rows per commit, "
+        f"wait {1000 * wait / max(commits, 1):.2f} ms and hold "
+        f"{1000 * hold / max(commits, 1):.2f} ms per commit, write turn busy "
+        f"{hold / seconds:.0%} of the send"
+    )
 
 
 def _served_by(agent: Agent) -> str:
@@ -379,6 +407,7 @@ def main() -> int:
                             f"{name} to hold every instance",
                         )
                     rate = len(files) / seconds
+                    detail += target.stopped(seconds)
                     rates.setdefault((name, n_assoc), []).append(rate)
                     steal.append(stolen)
                     print(

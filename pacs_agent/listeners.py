@@ -5,7 +5,8 @@
 each new connection to one of them, and a child that dies leaves the socket, and the
 connections waiting on it, to the others while it is restarted. Each child is a whole
 listener (``start_listener``): its own association threads, spool writer with its own files
-made ahead, index writer and duplicate lookup on its own database connections. The
+made ahead, index writer (on SQLite the one in the parent that all children share over a
+socket pair each, decision 0024) and duplicate lookup on its own database connections. The
 scheduler, the embedded worker and the database upgrade stay in the parent, exactly once.
 Like the parent, a child never imports torch or MONAI (invariant 4).
 """
@@ -26,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pacs_agent.config import ListenerSettings
+from pacs_agent.db.index import IndexWriter
+from pacs_agent.db.shared_index import serve_rows
 from pacs_agent.storage.spool import Spool
 
 log = logging.getLogger("pacs_agent.listeners")  # also when run as __main__
@@ -62,16 +65,21 @@ class ListenerProcesses:
         spool: Spool,
         config_file: Path | None,
         sock: socket.socket,
+        writer: IndexWriter | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.config_file = config_file
         self.sock = sock
+        #: The index writer all children share (SQLite, decision 0024); None: each has its own.
+        self.writer = writer
         self.children: list[_Child] = []
 
-    def command(self, index: int) -> list[str]:
+    def command(self, index: int, index_fd: int | None = None) -> list[str]:
         cmd = [sys.executable, "-m", "pacs_agent.listeners", "--fd", str(self.sock.fileno())]
         cmd += ["--index", str(index), "--of", str(self.settings.processes)]
+        if index_fd is not None:
+            cmd += ["--index-fd", str(index_fd)]
         if self.config_file is not None:
             cmd += ["--config", str(self.config_file)]
         return cmd
@@ -79,12 +87,26 @@ class ListenerProcesses:
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         # Its own process group: a Ctrl-C at a terminal reaches the parent alone, which stops
         # the children in order.
-        proc = subprocess.Popen(
-            self.command(index),
-            pass_fds=(self.sock.fileno(),),
-            env=os.environ.copy(),
-            process_group=0,
-        )
+        fds = [self.sock.fileno()]
+        ours = theirs = None
+        if self.writer is not None:  # a fresh channel to the shared writer for each start
+            ours, theirs = socket.socketpair()
+            fds.append(theirs.fileno())
+        try:
+            proc = subprocess.Popen(
+                self.command(index, theirs.fileno() if theirs is not None else None),
+                pass_fds=fds,
+                env=os.environ.copy(),
+                process_group=0,
+            )
+        except BaseException:
+            for end in (ours, theirs):
+                if end is not None:
+                    end.close()
+            raise
+        if ours is not None and theirs is not None and self.writer is not None:
+            theirs.close()  # the child's copy is its own now
+            serve_rows(self.writer, ours, f"listener process {index}")
         log.info(
             "listener process %d of %d started (pid %d)", index, self.settings.processes, proc.pid
         )
@@ -128,8 +150,8 @@ class ListenerProcesses:
             child.proc = self._spawn(child.index)
 
     def stop(self, timeout_s: float = 35.0) -> None:
-        """SIGTERM every child (each ends its associations and flushes its index writer),
-        wait for them, SIGKILL what is left; then close the socket."""
+        """SIGTERM every child (each ends its associations and waits for its index rows),
+        wait for them, SIGKILL what is left; then close the socket and the shared writer."""
         for child in self.children:
             if child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
@@ -142,6 +164,8 @@ class ListenerProcesses:
                 child.proc.kill()
                 child.proc.wait()
         self.sock.close()
+        if self.writer is not None:  # every child is gone: nothing more to commit for them
+            self.writer.close()
 
 
 def child_main(argv: list[str] | None = None) -> int:
@@ -152,6 +176,7 @@ def child_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", type=int, default=1)
     parser.add_argument("--of", type=int, default=1)
     parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("--index-fd", type=int, default=None, help="channel to the shared writer")
     args = parser.parse_args(argv)
     parent = os.getppid()
 
@@ -171,16 +196,26 @@ def child_main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _stop)
     sock = socket.socket(fileno=args.fd)
     receiver = receiver_for(settings, make_session_factory(make_engine(settings.database_url)))
+    if args.index_fd is not None:
+        from pacs_agent.db.shared_index import SharedWriterClient
+
+        receiver.writer = SharedWriterClient(socket.socket(fileno=args.index_fd))
     running = start_listener(settings.listener, receiver, sock=sock)
     log.info("listener process %d of %d ready (pid %d)", args.index, args.of, os.getpid())
+    code = 0
     try:
         while not stop.wait(1.0):
             if os.getppid() != parent:
                 log.error("listener process %d: serve (pid %d) is gone", args.index, parent)
                 break
+            lost = getattr(receiver.writer, "lost", None)
+            if lost is not None:  # every C-STORE would fail: exit, serve starts a new one
+                log.error("listener process %d: shared index writer lost (%s)", args.index, lost)
+                code = 1
+                break
     finally:
         running.shutdown()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

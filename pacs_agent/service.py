@@ -22,6 +22,7 @@ from pacs_agent.api.server import ApiRefused, ApiThread
 from pacs_agent.api.server import make_server as make_api_server
 from pacs_agent.catalog import load_catalog
 from pacs_agent.config import Settings
+from pacs_agent.db.index import IndexWriter
 from pacs_agent.db.migrate import upgrade
 from pacs_agent.db.session import make_engine, make_session_factory
 from pacs_agent.listeners import ListenerFailed, ListenerProcesses, listening_socket
@@ -188,6 +189,9 @@ def _start_processes(settings: Settings, config_file: Path | None) -> ListenerPr
     left = spool.clear_incoming()
     if left:
         log.warning("removed %d half-received files left by a stopped listener", left)
-    processes = ListenerProcesses(settings.listener, spool, config_file, sock)
+    writer = None
+    if settings.database_url.startswith("sqlite"):  # one write turn: share commits (0012)
+        writer = IndexWriter(make_session_factory(make_engine(settings.database_url)))
+    processes = ListenerProcesses(settings.listener, spool, config_file, sock, writer)
     processes.start()
     return processes

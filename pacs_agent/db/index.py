@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
+import os
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -19,6 +23,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from pacs_agent.db.models import Instance, InstanceCopy, Series, Study
 from pacs_agent.db.session import READ_ONLY
 from pacs_agent.dicom.header import InstanceHeader
+
+log = logging.getLogger(__name__)
 
 
 class IndexOutcome(StrEnum):
@@ -225,6 +231,39 @@ class _Request:
     future: Future[IndexOutcome] = field(default_factory=Future)
 
 
+def process_lock_path(session_factory: sessionmaker[Session]) -> str | None:
+    """The lock file that orders the index writers of all processes on one SQLite file
+    (``<database>-writer.lock`` beside it); None for PostgreSQL and in-memory SQLite."""
+    url = session_factory.kw["bind"].url
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return f"{url.database}-writer.lock"
+
+
+@dataclass
+class WriterStats:
+    """What one index writer did: committed batches, rows, and seconds waiting for the write
+    turn (the other processes' commits) and holding it (statements and COMMIT)."""
+
+    commits: int = 0
+    rows: int = 0
+    wait_s: float = 0.0
+    hold_s: float = 0.0
+
+    def count(self, rows: int, wait_s: float, hold_s: float) -> None:
+        self.commits += 1
+        self.rows += rows
+        self.wait_s += wait_s
+        self.hold_s += hold_s
+
+    def __str__(self) -> str:
+        per = self.rows / self.commits if self.commits else 0.0
+        return (
+            f"{self.rows} rows in {self.commits} commits ({per:.1f} per commit); "
+            f"waited {self.wait_s:.3f} s for the write turn, held it {self.hold_s:.3f} s"
+        )
+
+
 class IndexTimeout(TimeoutError):
     """The index writer did not commit a row in time. ``cancelled``: the row was withdrawn
     and will never be written; otherwise it may still commit."""
@@ -233,6 +272,31 @@ class IndexTimeout(TimeoutError):
         state = "withdrawn" if cancelled else "may still commit"
         super().__init__(f"index row not committed within {timeout_s:g} s ({state})")
         self.cancelled = cancelled
+
+
+class WriterLost(IndexTimeout):
+    """The shared index writer went away with the row in hand: it may have committed."""
+
+    def __init__(self, reason: str) -> None:
+        Exception.__init__(self, f"the shared index writer is gone ({reason}); the row may commit")
+        self.cancelled = False
+
+
+class RowWriter(Protocol):
+    """What the listener needs of an index writer: this process's ``IndexWriter``, or the
+    listener processes' shared one (``pacs_agent.db.shared_index.SharedWriterClient``)."""
+
+    def index(
+        self, header: InstanceHeader, stored: StoredFile, now: datetime, *, reopen: bool = True
+    ) -> IndexOutcome: ...
+
+    def index_here(
+        self, header: InstanceHeader, stored: StoredFile, now: datetime, *, reopen: bool = True
+    ) -> IndexOutcome: ...
+
+    def digest_here(self, sop_uid: str) -> str | None: ...
+
+    def close(self) -> None: ...
 
 
 class WriterBusy(Exception):
@@ -249,6 +313,14 @@ class IndexWriter:
     unexpected in a batch (a unique-key race, a replaced instance, a lost connection) makes
     it retry one instance per transaction through the full path (``index_instance``), so one
     bad instance fails alone and a stale cached id is never trusted twice.
+
+    On a SQLite file index writers in separate processes (the listener processes share one
+    in ``serve`` instead, ``pacs_agent.db.shared_index``) take turns on an OS lock next to
+    the database (``process_lock``, decision 0024), held from
+    before BEGIN IMMEDIATE until after COMMIT or ROLLBACK: a waiting writer wakes the moment
+    the lock is released, where SQLite's busy handler sleeps 1, 2, 5, 10, ... ms between
+    tries. The kernel releases it when its holder dies; the busy timeout stays as the fallback
+    against every other writer (scheduler, workers). PostgreSQL needs no turn.
     """
 
     _CACHE_LIMIT = 4096
@@ -271,6 +343,12 @@ class IndexWriter:
         self._series: dict[str, tuple[int, int]] = {}  # series UID -> (study id, series id)
         self._busy = threading.Lock()  # held while a batch is written, by whichever thread
         self._digest_compiled: Any = None
+        #: The file whose lock orders the index writers of all processes (None: no turn).
+        self.process_lock = process_lock_path(session_factory)
+        self._lock_fd: int | None = None
+        #: Counted per writer, logged at close: commits, rows, and seconds spent waiting for
+        #: the write turn (the process lock and BEGIN IMMEDIATE) and holding it.
+        self.stats = WriterStats()
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
         self._thread.start()
 
@@ -283,8 +361,7 @@ class IndexWriter:
         reopen: bool = True,
     ) -> IndexOutcome:
         """Commit the row of an instance whose file and directory entry are durable."""
-        request = _Request(header, stored, now, reopen)
-        self._queue.put(request)
+        request = self.submit(header, stored, now, reopen=reopen)
         # A database that hangs (a lock never released) must still end in 0xA700, not a
         # C-STORE that never gets its answer.
         try:
@@ -293,6 +370,21 @@ class IndexWriter:
             # Withdraw the row if the writer has not taken it yet; otherwise it may still
             # commit, and the caller must not treat the instance as unindexed.
             raise IndexTimeout(self.timeout_s, cancelled=request.future.cancel()) from exc
+
+    def submit(
+        self,
+        header: InstanceHeader,
+        stored: StoredFile,
+        now: datetime,
+        *,
+        reopen: bool = True,
+    ) -> _Request:
+        """Queue a row for the writer's thread without waiting: its ``future`` settles once
+        the row's transaction committed or failed (the shared writer of the listener
+        processes answers each process's rows from there)."""
+        request = _Request(header, stored, now, reopen)
+        self._queue.put(request)
+        return request
 
     def index_here(
         self,
@@ -313,9 +405,13 @@ class IndexWriter:
         request = _Request(header, stored, now, reopen)
         try:
             request.future.set_running_or_notify_cancel()
-            self._write([request])
+            written = self._write([request], wait=False)
         finally:
             self._busy.release()
+        if not written:
+            # Another process's turn: wait on the writer's thread, under index()'s timeout
+            # (a holder that hangs must not keep this C-STORE from its answer).
+            return self.index(header, stored, now, reopen=reopen)
         return request.future.result()
 
     def digest_here(self, sop_uid: str) -> str | None:
@@ -355,6 +451,36 @@ class IndexWriter:
         self._queue.put(None)
         self._thread.join(30)
         self._reset()
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None
+        if self.stats.commits:
+            log.info("index writer: %s", self.stats)
+
+    def _take_turn(self, *, blocking: bool) -> bool:
+        """The process lock, when there is one (True: held, or none needed). Blocking waits
+        in the kernel, which wakes this writer when the holder releases it or dies."""
+        if self.process_lock is None:
+            return True
+        if self._lock_fd is None:
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+            self._lock_fd = os.open(self.process_lock, flags, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
+        return True
+
+    def _give_turn(self) -> None:
+        if self._lock_fd is None:
+            return
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        except OSError:  # closing the descriptor gives the lock back too
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _run(self) -> None:
         while True:
@@ -398,24 +524,52 @@ class IndexWriter:
             self._conn = conn
         return self._conn
 
-    def _write(self, batch: list[_Request]) -> None:
+    def _write(self, batch: list[_Request], *, wait: bool = True) -> bool:
+        """Commit ``batch`` in this process's write turn and settle each request's future.
+        The turn is given back before the futures are settled, also when anything failed.
+        With ``wait`` False and the turn another process's, returns False at once and
+        leaves the futures alone."""
+        started = time.perf_counter()
+        try:
+            if not self._take_turn(blocking=wait):
+                return False
+        except Exception as exc:  # the lock file cannot be opened or locked
+            results: list[IndexOutcome | BaseException] = [exc] * len(batch)
+        else:
+            try:
+                results = self._write_in_turn(batch, started)
+            finally:
+                self._give_turn()
+        for request, result in zip(batch, results, strict=True):
+            if isinstance(result, BaseException):
+                request.future.set_exception(result)
+            else:
+                request.future.set_result(result)
+        return True
+
+    def _write_in_turn(
+        self, batch: list[_Request], started: float
+    ) -> list[IndexOutcome | BaseException]:
         try:
             conn = self._connection()
             with conn.begin():
+                locked = time.perf_counter()  # BEGIN IMMEDIATE returned: the write lock held
                 outcomes = self._index_batch(conn, batch)
         except Exception:  # retried one by one below, through the full path
             self._reset()
         else:
-            for request, outcome in zip(batch, outcomes, strict=True):
-                request.future.set_result(outcome)
-            return
+            self.stats.count(len(batch), locked - started, time.perf_counter() - locked)
+            return list(outcomes)
+        results: list[IndexOutcome | BaseException] = []
         for request in batch:
+            begun = time.perf_counter()
             try:
-                outcome = self._index_one(request)
+                results.append(self._index_one(request))
             except Exception as exc:
-                request.future.set_exception(exc)
+                results.append(exc)
             else:
-                request.future.set_result(outcome)
+                self.stats.count(1, 0.0, time.perf_counter() - begun)
+        return results
 
     def _index_one(self, r: _Request) -> IndexOutcome:
         """One row in its own transaction through the full path, on the writer's own

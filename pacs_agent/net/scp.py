@@ -47,6 +47,7 @@ from pacs_agent.db.index import (
     DuplicatePolicy,
     IndexTimeout,
     IndexWriter,
+    RowWriter,
     StoredFile,
     WriterBusy,
     decide_arrival,
@@ -160,8 +161,9 @@ class Receiver:
     duplicates: DuplicatePolicy = DuplicatePolicy.REPLACE
     #: ``assembler.late_instance == "reprocess"``: an instance for a complete study re-opens it.
     reopen_complete: bool = True
-    #: Group commit of index rows; started by ``start_listener`` when not given.
-    writer: IndexWriter | None = None
+    #: Group commit of index rows; started by ``start_listener`` when not given (a listener
+    #: process of several gets the shared one, ``pacs_agent.db.shared_index``).
+    writer: RowWriter | None = None
 
     def index(self, header: InstanceHeader, stored: StoredFile) -> None:
         """Commit the index row of a durable instance (batched with concurrent instances

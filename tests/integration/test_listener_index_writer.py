@@ -138,9 +138,9 @@ def test_index_here_commits_on_the_calling_thread_when_the_writer_is_idle(
     threads: set[str] = set()
     real_write = writer._write
 
-    def watch(batch: list[Any]) -> None:
+    def watch(batch: list[Any], **kwargs: Any) -> bool:
         threads.add(threading.current_thread().name)
-        real_write(batch)
+        return real_write(batch, **kwargs)
 
     writer._write = watch  # type: ignore[method-assign]
     try:

@@ -146,6 +146,17 @@ def test_studies_over_several_associations_are_indexed_once_by_several_processes
     assert agent.proc is not None and agent.proc.returncode == 0, agent.log_tail()
     assert not [pid for pid in pids.values() if _alive(pid)], "a listener process outlived serve"
     assert not list((agent.data_dir / "spool" / ".incoming").glob("*")), "left in .incoming"
+    # Who committed the rows (each writer logs its counters when it stops): on SQLite the one
+    # writer in serve that all listener processes share (decision 0024); on PostgreSQL each
+    # process's own, side by side.
+    writers = {int(pid): int(rows) for pid, rows in _WRITER.findall(agent.log_tail(10**7))}
+    if database.startswith("sqlite"):
+        assert writers == {agent.proc.pid: 60}, writers
+    else:
+        assert set(writers) <= set(pids.values()) and sum(writers.values()) == 60, writers
+
+
+_WRITER = re.compile(r"\[(\d+)\] pacs_agent\.db\.index: index writer: (\d+) rows in")
 
 
 def _send(port: int, datasets: list[Dataset], acknowledged: list[str]) -> None:
