@@ -17,7 +17,7 @@ from pacs_agent.storage.spool import Spool
 class _Dying(ListenerProcesses):
     """Children that exit with status 3 as soon as they start (a listener that cannot start)."""
 
-    def command(self, index: int) -> list[str]:
+    def command(self, index: int, index_fd: int | None = None) -> list[str]:
         return [sys.executable, "-c", "import sys; sys.exit(3)"]
 
 
