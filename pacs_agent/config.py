@@ -52,6 +52,13 @@ def _ae_title(value: str) -> str:
 AETitle = Annotated[str, AfterValidator(_ae_title)]
 
 
+def _require_unique(values: list[str], what: str) -> None:
+    """Raise ValueError naming the values of ``values`` that occur more than once."""
+    duplicated = sorted({v for v in values if values.count(v) > 1})
+    if duplicated:
+        raise ValueError(f"{what} must be unique: {duplicated}")
+
+
 class Section(BaseModel):
     """A settings section: unknown keys are an error, never silently ignored."""
 
@@ -361,10 +368,7 @@ class ExportSettings(Section):
     @field_validator("destinations")
     @classmethod
     def _unique_names(cls, v: list[Any]) -> list[Any]:
-        names = [d.name for d in v]
-        duplicated = sorted({n for n in names if names.count(n) > 1})
-        if duplicated:
-            raise ValueError(f"destination names must be unique: {duplicated}")
+        _require_unique([d.name for d in v], "destination names")
         return v
 
 
@@ -472,10 +476,7 @@ class NotifySettings(Section):
     @field_validator("notifiers")
     @classmethod
     def _unique_names(cls, v: list[Any]) -> list[Any]:
-        names = [n.name for n in v]
-        duplicated = sorted({n for n in names if names.count(n) > 1})
-        if duplicated:
-            raise ValueError(f"notifier names must be unique: {duplicated}")
+        _require_unique([n.name for n in v], "notifier names")
         return v
 
 
@@ -542,10 +543,7 @@ class UpsSettings(Section):
     @field_validator("subscribers")
     @classmethod
     def _unique_titles(cls, v: list[UpsSubscriber]) -> list[UpsSubscriber]:
-        titles = [s.ae_title for s in v]
-        duplicated = sorted({t for t in titles if titles.count(t) > 1})
-        if duplicated:
-            raise ValueError(f"ups.subscribers AE titles must be unique: {duplicated}")
+        _require_unique([s.ae_title for s in v], "ups.subscribers AE titles")
         return v
 
     @model_validator(mode="after")

@@ -78,3 +78,11 @@ def test_invalid_device_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PACS_AGENT_WORKER__DEVICE", "gpu0")
     with pytest.raises(ConfigError, match="device"):
         load_settings()
+
+
+def test_two_notifiers_of_one_name_are_refused_naming_it(tmp_path: Path) -> None:
+    cfg = tmp_path / "notify.toml"
+    hook = '[[notify.notifiers]]\nkind = "webhook"\nname = "ris"\nurl = "http://127.0.0.1:9/h"\n'
+    cfg.write_text((hook + 'secret = "0123456789abcdef"\n') * 2)
+    with pytest.raises(ConfigError, match=r"notifier names must be unique: \['ris'\]"):
+        load_settings(cfg)
