@@ -28,12 +28,9 @@ from pydicom.sr.codedict import codes
 
 from pacs_agent.dicom.seg import (
     SEG_SERIES_NUMBER,
-    ai_series_description,
-    algorithm_equipment,
-    fit_long_string,
 )
 from pacs_agent.dicom.sources import builder_sources, no_patient_names_in_warnings
-from pacs_agent.dicom.sr import procedure_reported
+from pacs_agent.dicom.sr import ai_sr_attributes, procedure_reported
 from pacs_agent.domain.results import AlgorithmSpec
 
 __all__ = ["NOTICE_SERIES_NUMBER", "build_failure_notice", "failure_text"]
@@ -119,15 +116,7 @@ def build_failure_notice(
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
         instance_number=1,
-        manufacturer=fit_long_string(algorithm.manufacturer),
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        contributing_equipment=[algorithm_equipment(algorithm)],
-        series_description=ai_series_description("NOT PROCESSED", algorithm),
-        manufacturer_model_name=fit_long_string(algorithm.name),
-        software_versions=fit_long_string(algorithm.version),
-        device_serial_number=algorithm.device_uid,
+        **ai_sr_attributes(algorithm, "NOT PROCESSED"),
         specific_character_set="ISO_IR 192" if non_ascii else (charset or None),
     )
 

@@ -29,6 +29,7 @@ Parameters (e.g. that a gantry-tilted input was resampled onto an orthogonal gri
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
@@ -48,7 +49,7 @@ from pacs_agent.dicom.seg import (
     segment_tracking_uid,
 )
 from pacs_agent.dicom.sources import builder_sources, no_patient_names_in_warnings
-from pacs_agent.domain.results import JobResult, SegmentResult
+from pacs_agent.domain.results import AlgorithmSpec, JobResult, SegmentResult
 
 #: Default Series Number of the SR series.
 SR_SERIES_NUMBER = SEG_SERIES_NUMBER + 1
@@ -310,18 +311,27 @@ def build_measurement_report(
         series_number=series_number,
         sop_instance_uid=result.uids.sr_sop_uid,
         instance_number=instance_number,
-        manufacturer=fit_long_string(algorithm.manufacturer),
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-        contributing_equipment=[algorithm_equipment(algorithm)],
-        series_description=ai_series_description("SR", algorithm),
-        manufacturer_model_name=fit_long_string(algorithm.name),
-        software_versions=fit_long_string(algorithm.version),
-        device_serial_number=algorithm.device_uid,
+        **ai_sr_attributes(algorithm, "SR"),
         specific_character_set=character_set(source, result),
         coding_schemes=[_private_scheme()] if private else None,
     )
+
+
+def ai_sr_attributes(algorithm: AlgorithmSpec, kind: str) -> dict[str, Any]:
+    """What every SR pacs-agent writes says of itself: the algorithm as manufacturer, model and
+    device (IHE AIR's Contributing Equipment), completion and verification flags (an AI result
+    is complete, neither final nor verified) and the series description for ``kind``."""
+    return {
+        "manufacturer": fit_long_string(algorithm.manufacturer),
+        "is_complete": True,
+        "is_final": False,
+        "is_verified": False,
+        "contributing_equipment": [algorithm_equipment(algorithm)],
+        "series_description": ai_series_description(kind, algorithm),
+        "manufacturer_model_name": fit_long_string(algorithm.name),
+        "software_versions": fit_long_string(algorithm.version),
+        "device_serial_number": algorithm.device_uid,
+    }
 
 
 def _private_scheme() -> CodingSchemeIdentificationItem:
