@@ -248,6 +248,38 @@ POSTGRES_ADMIN_URL = os.environ.get(
 
 
 @contextlib.contextmanager
+def orthanc_and_agent(workdir: Path) -> Iterator[tuple[Orthanc, Agent]]:
+    """Orthanc as the PACS (it knows the agent as modality ``agent``, so it can push studies to
+    it) and ``pacs-agent serve`` exporting its results back to that Orthanc; both stopped
+    afterwards."""
+    agent_port = free_port()
+    orthanc = Orthanc(
+        workdir=workdir / "orthanc",
+        dicom_port=free_port(),
+        http_port=free_port(),
+        modalities={"agent": ["PACSAGENT", "127.0.0.1", agent_port]},
+    )
+    orthanc.start()
+    destination = {
+        "name": "orthanc",
+        "ae_title": orthanc.aet,
+        "host": "127.0.0.1",
+        "port": orthanc.dicom_port,
+    }
+    agent = Agent(
+        workdir=workdir / "agent",
+        port=agent_port,
+        env_overrides={"PACS_AGENT_EXPORT__DESTINATIONS": json.dumps([destination])},
+    )
+    try:
+        agent.start()
+        yield orthanc, agent
+    finally:
+        agent.stop()
+        orthanc.stop()
+
+
+@contextlib.contextmanager
 def postgres_database(prefix: str = "pacs_agent_test") -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test; dropped afterwards."""
     from sqlalchemy import create_engine, text

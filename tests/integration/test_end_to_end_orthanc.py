@@ -5,7 +5,6 @@ to Orthanc. Checked through Orthanc's REST API, dciodvfy and highdicom.
 
 from __future__ import annotations
 
-import json
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pacs_agent.db.models import Export, Finding, Job, Study
 from pacs_agent.db.session import make_engine, make_session_factory
 from pacs_agent.demo.synthetic import make_ct_study_with_truth, write_study
 from tests.helpers.realct import REAL_CT_DIR, enhanced_real_ct, repair_real_ct
-from tests.helpers.servers import Agent, Orthanc, free_port, wait_for
+from tests.helpers.servers import Agent, Orthanc, orthanc_and_agent, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -70,33 +69,8 @@ class Site:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     workdir = tmp_path_factory.mktemp("site")
-    agent_port = free_port()
-    orthanc = Orthanc(
-        workdir=workdir / "orthanc",
-        dicom_port=free_port(),
-        http_port=free_port(),
-        modalities={"agent": ["PACSAGENT", "127.0.0.1", agent_port]},
-    )
-    orthanc.start()
-    destinations = [
-        {
-            "name": "orthanc",
-            "ae_title": orthanc.aet,
-            "host": "127.0.0.1",
-            "port": orthanc.dicom_port,
-        }
-    ]
-    agent = Agent(
-        workdir=workdir / "agent",
-        port=agent_port,
-        env_overrides={"PACS_AGENT_EXPORT__DESTINATIONS": json.dumps(destinations)},
-    )
-    try:
-        agent.start()
+    with orthanc_and_agent(workdir) as (orthanc, agent):
         yield Site(orthanc, agent, workdir)
-    finally:
-        agent.stop()
-        orthanc.stop()
 
 
 def _results_in_orthanc(orthanc: Orthanc, study_id: str) -> dict[str, list[dict[str, Any]]]:

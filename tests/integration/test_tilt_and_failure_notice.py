@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from sqlalchemy import select
 
 from pacs_agent.db.models import Export, Job, Study
 from pacs_agent.db.session import make_engine, make_session_factory
-from tests.helpers.servers import Agent, Orthanc, free_port, wait_for
+from tests.helpers.servers import Agent, Orthanc, orthanc_and_agent, wait_for
 from tests.helpers.tilted import pixel_centres, write_tilted_study
 
 pytestmark = pytest.mark.integration
@@ -88,33 +87,8 @@ class Site:
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     workdir = tmp_path_factory.mktemp("tilt")
-    agent_port = free_port()
-    orthanc = Orthanc(
-        workdir=workdir / "orthanc",
-        dicom_port=free_port(),
-        http_port=free_port(),
-        modalities={"agent": ["PACSAGENT", "127.0.0.1", agent_port]},
-    )
-    orthanc.start()
-    destinations = [
-        {
-            "name": "orthanc",
-            "ae_title": orthanc.aet,
-            "host": "127.0.0.1",
-            "port": orthanc.dicom_port,
-        }
-    ]
-    agent = Agent(
-        workdir=workdir / "agent",
-        port=agent_port,
-        env_overrides={"PACS_AGENT_EXPORT__DESTINATIONS": json.dumps(destinations)},
-    )
-    try:
-        agent.start()
+    with orthanc_and_agent(workdir) as (orthanc, agent):
         yield Site(orthanc, agent, workdir)
-    finally:
-        agent.stop()
-        orthanc.stop()
 
 
 def _dciodvfy_errors(path: Path) -> list[str]:
